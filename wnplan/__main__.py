@@ -1,0 +1,3 @@
+from wnplan.cli import main
+
+main()

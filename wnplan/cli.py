@@ -1,0 +1,330 @@
+"""The `wnplan` command line: sites, profile, allocate, check.
+
+Results go to stdout (tables, or JSON with --json) and to the named files; diagnostics and
+progress bars go to stderr. Exit codes: 0 success, 1 when `check` finds that the plan misses
+its target, 2 for bad input or usage (one line on stderr, no traceback, no output file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.exceptions import TyperException
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from wnplan import records, runtime
+from wnplan._version import __version__
+from wnplan.errors import SettingsError, WnplanError
+from wnplan.noise import NOISE_KINDS, NOISE_ORDERS, NoiseSpec
+from wnplan.store import DEFAULT_STORE
+
+logger = logging.getLogger("wnplan")
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+app = typer.Typer(
+    name="wnplan",
+    help="Per-layer noise robustness profiles and deployment plans for noisy (analog) accelerators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"wnplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False, show_time=False)],
+    )
+
+
+ModelArgument = Annotated[Path, typer.Argument(help="Model file: .onnx, .pt2, or a state dict with --factory.")]
+FactoryOption = Annotated[
+    str | None, typer.Option(help="package.module:function that builds the architecture of a state dict.")
+]
+TrustOption = Annotated[
+    bool, typer.Option("--trust", help="Allow unpickling a full PyTorch module; this runs code from the file.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+@app.command()
+def sites(model: ModelArgument, data: Annotated[str | None, typer.Option(help="Data, needed only for state dicts.")] = None,
+          factory: FactoryOption = None, trust: TrustOption = False, as_json: JsonOption = False) -> None:
+    """List the noise sites of a model: index, name, op, output shape and parameter count."""
+    from wnplan.models import load_model
+    from wnplan.profiler import resolve_data
+
+    sample = None
+    if factory is not None or trust:
+        sample = resolve_data(model, data, None, 2).x
+    loaded = load_model(model, factory=factory, trust=trust, sample=sample)
+    if as_json:
+        stdout.print_json(json.dumps([site.to_dict() for site in loaded.sites]))
+        return
+    table = Table(title=f"{len(loaded.sites)} sites of {model}")
+    for column in ("index", "name", "op", "shape", "parameters"):
+        table.add_column(column, justify="right" if column in ("index", "parameters") else "left")
+    for site in loaded.sites:
+        table.add_row(str(site.index), site.name, site.op, "×".join(map(str, site.shape)), str(site.parameters))
+    stdout.print(table)
+
+
+def _parse_sigmas(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SettingsError(f"invalid --sigmas {text!r}: expected comma-separated numbers such as 0.01,0.1,1") from None
+
+
+@app.command()
+def profile(
+    model: ModelArgument,
+    data: Annotated[str | None, typer.Option(help="Evaluation data: a .npz file (x, y), an IDX folder, fashion-mnist[:test|:train] or digits[:test|:train]. Default: the model's declared data.")] = None,
+    noise: Annotated[str, typer.Option(help=f"Noise kind: {', '.join(NOISE_KINDS)}.")] = "additive",
+    order: Annotated[str, typer.Option(help=f"Order of mixed noise: {', '.join(NOISE_ORDERS)}.")] = "mul-first",
+    mix_ratio: Annotated[float, typer.Option(help="Mixed noise ratio r: σ_add = A·r, σ_mul = A·(1−r).")] = 0.5,
+    scope: Annotated[str, typer.Option(help="walking (one site at a time), global (all sites at once) or both.")] = "walking",
+    sites_selection: Annotated[str | None, typer.Option("--sites", help="Sites for walking noise: indices, ranges (2-5), names or op types, comma-separated. Default: all.")] = None,
+    mode: Annotated[str, typer.Option(help="inference: the clean-trained model runs with noise.")] = "inference",
+    repeats: Annotated[int, typer.Option(help="Independent noise draws per σ.")] = 3,
+    sigmas: Annotated[str | None, typer.Option(help="σ values to run exactly, comma-separated. Default: an adaptive log grid.")] = None,
+    relative: Annotated[str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")] = None,
+    fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "linear",
+    global_include_norm: Annotated[bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")] = False,
+    normalize: Annotated[str | None, typer.Option(help="MEAN,STD applied after scaling images to [0, 1]. Default: the model's declaration.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; each trial's noise derives from it and the trial's identity.")] = 0,
+    out: Annotated[Path, typer.Option(help="Profile file to write.")] = records.DEFAULT_PATHS["profile"],
+    store: Annotated[Path, typer.Option(help="SQLite store of finished trials, for resuming.")] = DEFAULT_STORE,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and measure again.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")] = False,
+    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch. Default: the libraries' own.")] = None,
+    factory: FactoryOption = None,
+    trust: TrustOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure how much noise each site (and the whole model) tolerates; write a profile."""
+    from wnplan.profiler import ProfileSettings, count_trials, load_model_and_data
+    from wnplan.profiler import profile as run_profile
+
+    _set_threads(threads)
+    spec = NoiseSpec(noise, order, mix_ratio, relative or "absolute")
+    settings = ProfileSettings(
+        noise=spec, scope=scope, sites=sites_selection, mode=mode, repeats=repeats,
+        sigmas=_parse_sigmas(sigmas), seed=seed, fit_space=fit_space, global_include_norm=global_include_norm,
+    )
+    if dry_run:
+        loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
+        trials, exact = count_trials(loaded, settings)
+        seconds = _estimate_seconds(loaded, dataset) * trials
+        approx = "" if exact else "about "
+        stdout.print(f"{approx}{trials} trials on {len(dataset)} samples; estimated time {approx}{seconds:.0f} s")
+        return
+
+    with _progress("profiling") as advance:
+        record = run_profile(
+            model, data, settings, normalize=normalize, limit=limit, factory=factory, trust=trust,
+            store=store, fresh=fresh, progress=advance,
+        )
+    records.write_record(record, "profile", out)
+    if as_json:
+        stdout.print_json(records.dumps(record))
+    else:
+        _print_profile(record)
+        stderr.print(f"wrote {out}")
+
+
+def _estimate_seconds(loaded, dataset) -> float:
+    import time
+
+    sample = dataset.x[: min(len(dataset), 512)]
+    started = time.perf_counter()
+    loaded.run(sample)
+    per_sample = (time.perf_counter() - started) / sample.shape[0]
+    return per_sample * len(dataset)
+
+
+def _print_profile(record: dict) -> None:
+    clean = record["clean"]
+    table = Table(title=f"{record['model']['path']}: clean accuracy {clean['accuracy']:.4f} on {clean['samples']} samples")
+    for column in ("site", "name", "op", "µ", "± error", "status"):
+        table.add_column(column, justify="right" if column in ("site", "µ", "± error") else "left")
+    for site in record["sites"]:
+        if site["walking"] is None:
+            continue
+        table.add_row(str(site["index"]), site["name"], site["op"], *_fit_cells(site["walking"]["fit"]))
+    if record["global"] is not None:
+        table.add_row("all", "global", "", *_fit_cells(record["global"]["fit"]))
+    stdout.print(table)
+
+
+def _fit_cells(fit: dict) -> tuple[str, str, str]:
+    midpoint = fit.get("midpoint")
+    error = fit.get("midpoint_error")
+    prefix = ">" if fit.get("lower_bound") else "<" if fit.get("upper_bound") else ""
+    shown = "—" if midpoint is None else f"{prefix}{midpoint:.4g}"
+    return shown, "—" if error is None else f"{error:.2g}", fit["status"]
+
+
+@app.command()
+def allocate(
+    profile_path: Annotated[Path, typer.Argument(metavar="[PROFILE]", help="Profile file.")] = records.DEFAULT_PATHS["profile"],
+    budget: Annotated[int, typer.Option(help="Total executions over all profiled sites (at least one per site).")] = ...,
+    method: Annotated[str, typer.Option(help="paper: executions ∝ 1/µ; uniform: as even as possible.")] = "paper",
+    out: Annotated[Path, typer.Option(help="Plan file to write.")] = records.DEFAULT_PATHS["plan"],
+    as_json: JsonOption = False,
+) -> None:
+    """Spread a budget of executions over the profiled sites; write a plan."""
+    from wnplan.plan import allocate as run_allocate
+
+    profile_record = records.read_record(profile_path, "profile")
+    plan = run_allocate(profile_record, budget, method, profile_path=profile_path)
+    records.write_record(plan, "plan", out)
+    if as_json:
+        stdout.print_json(records.dumps(plan))
+        return
+    table = Table(title=f"{plan['method']} plan, budget {plan['budget']}")
+    for column in ("site", "name", "op", "µ", "executions", "predicted accuracy"):
+        table.add_column(column, justify="left" if column in ("name", "op") else "right")
+    for site in plan["sites"]:
+        predicted = site.get("predicted_accuracy")
+        table.add_row(
+            str(site["index"]), site["name"], site["op"], f"{site['midpoint']:.4g}", str(site["executions"]),
+            "—" if predicted is None else f"{predicted:.4f}",
+        )
+    stdout.print(table)
+    stderr.print(f"wrote {out}")
+
+
+@app.command()
+def check(
+    plan_path: Annotated[Path, typer.Argument(metavar="[PLAN]", help="Plan file.")] = records.DEFAULT_PATHS["plan"],
+    sigma: Annotated[float | None, typer.Option(help="σ before averaging, in the profile's reference. Default: the profile's global midpoint.")] = None,
+    repeats: Annotated[int, typer.Option(help="Noise draws per allocation.")] = 10,
+    min_accuracy: Annotated[float | None, typer.Option(help="Fail (exit 1) when the plan's accuracy is below this fraction.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed of the noise draws.")] = 0,
+    out: Annotated[Path, typer.Option(help="Check file to write.")] = records.DEFAULT_PATHS["check"],
+    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Simulate the noisy accelerator: the plan against uniform and clean; write the results."""
+    from wnplan.simulate import check as run_check
+
+    _set_threads(threads)
+    plan = records.read_record(plan_path, "plan")
+    with _progress("checking", total=2 * repeats) as advance:
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            advance(done[0], 2 * repeats)
+
+        result = run_check(plan, sigma=sigma, repeats=repeats, seed=seed, min_accuracy=min_accuracy,
+                           plan_path=plan_path, progress=step)
+    records.write_record(result, "check", out)
+    if as_json:
+        stdout.print_json(records.dumps(result))
+    else:
+        _print_check(result)
+        stderr.print(f"wrote {out}")
+    if not result["verdict"]["passed"]:
+        stderr.print(f"check failed: {result['verdict']['reason']}")
+        raise typer.Exit(1)
+
+
+def _print_check(result: dict) -> None:
+    settings = result["settings"]
+    table = Table(title=f"accuracy at σ = {settings['sigma']:.4g} ({settings['sigma_source']}), {settings['repeats']} draws")
+    for column in ("allocation", "accuracy", "95% interval", "predicted"):
+        table.add_column(column, justify="left" if column == "allocation" else "right")
+    for name, entry in result["results"].items():
+        predicted = entry.get("predicted_accuracy")
+        table.add_row(
+            name, f"{entry['accuracy']:.4f}", f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
+            "—" if predicted is None else f"{predicted:.4f}",
+        )
+    stdout.print(table)
+    stdout.print(("passed: " if result["verdict"]["passed"] else "FAILED: ") + result["verdict"]["reason"])
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise SettingsError(f"invalid --threads {threads}: expected at least 1")
+    runtime.set_threads(threads)
+
+
+class _progress:
+    """A rich progress bar on stderr whose total can grow; yields `advance(done, total)`."""
+
+    def __init__(self, description: str, total: int | None = None) -> None:
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, transient=True,
+            disable=not stderr.is_terminal and os.environ.get("WNPLAN_PROGRESS") != "1",
+        )
+        self._task = self._bar.add_task(description, total=total)
+
+    def __enter__(self):
+        self._bar.start()
+        return lambda done, total: self._bar.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; turn bad input into one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="wnplan", standalone_mode=False)
+    except WnplanError as error:
+        _fail(str(error))
+    except typer.Exit as exit_request:
+        sys.exit(exit_request.exit_code)
+    except typer.Abort:
+        _fail("interrupted; finished trials are kept in the store", code=130)
+    except TyperException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":
+            print(error.format_message())
+            sys.exit(0)
+        _fail(error.format_message())
+    except KeyboardInterrupt:
+        _fail("interrupted; finished trials are kept in the store", code=130)
+    sys.exit(0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    text = " ".join(message.split())
+    print(f"wnplan: error: {text}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

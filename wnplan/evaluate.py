@@ -1,0 +1,131 @@
+"""Inference-only accuracy under noise: the measurement behind every trial and check.
+
+Walking trials reuse the clean values at their site: the part of the network before the
+site runs once per group of trials, and each trial runs only the suffix. Trials with
+noise at several sites run the whole network with noise inserted at each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from wnplan.data import Dataset
+from wnplan.models import Model
+from wnplan.noise import NoiseSpec, SiteNoise, apply_noise, draw_noise, site_noise
+from wnplan.store import TrialResult
+from wnplan.sweep import Trial
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SAMPLES = 2048
+CACHE_BYTES = 1 << 30  # clean suffix inputs kept in memory per site; above this they are recomputed
+
+
+def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.count_nonzero(np.argmax(logits, axis=1) == labels))
+
+
+def evaluate_noisy(
+    model: Model,
+    data: Dataset,
+    levels: Mapping[int, SiteNoise],
+    seed: int,
+    chunk_samples: int = CHUNK_SAMPLES,
+) -> int:
+    """Return the number of correct predictions with the given noise at each site.
+
+    Args:
+        model: the model.
+        data: evaluation samples and labels.
+        levels: absolute noise levels per site index; clean sites may be left out.
+        seed: the noise seed of this measurement.
+        chunk_samples: samples per forward pass.
+    """
+    noisy = {index: level for index, level in levels.items() if not level.is_clean}
+    correct = 0
+    for start in range(0, len(data), chunk_samples):
+        x = data.x[start : start + chunk_samples]
+        arrays = {
+            index: draw_noise(level, (x.shape[0], *model.sites[index].shape), seed, index, start)
+            for index, level in noisy.items()
+        }
+        correct += count_correct(model.run(x, arrays), data.y[start : start + chunk_samples])
+    return correct
+
+
+class InferenceEvaluator:
+    """Runs inference-only trials of one model and data set.
+
+    Args:
+        model: the model.
+        data: evaluation data.
+        noise: the noise model.
+        scales: per-site reference statistic for relative σ (1.0 for absolute σ).
+        seed_of: the noise seed of a trial.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        data: Dataset,
+        noise: NoiseSpec,
+        scales: Mapping[int, float],
+        seed_of: Callable[[Trial], int],
+        chunk_samples: int = CHUNK_SAMPLES,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.noise = noise
+        self.scales = scales
+        self.seed_of = seed_of
+        self.chunk_samples = chunk_samples
+        self._suffix_site: int | None = None
+        self._suffix = None
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def levels(self, trial: Trial) -> dict[int, SiteNoise]:
+        return {index: site_noise(self.noise, trial.sigma, self.scales.get(index, 1.0)) for index in trial.sites}
+
+    def run_group(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
+        """Yield one result per trial, in order; walking trials must share their site."""
+        if trials and trials[0].scope == "walking":
+            yield from self._walking(trials)
+            return
+        for trial in trials:
+            started = time.perf_counter()
+            correct = evaluate_noisy(self.model, self.data, self.levels(trial), self.seed_of(trial), self.chunk_samples)
+            yield TrialResult(correct, len(self.data), seconds=time.perf_counter() - started)
+
+    def _walking(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
+        (site,) = trials[0].sites
+        if site != self._suffix_site:
+            # Only one site's suffix and clean values are kept, since sweeps finish a site
+            # before moving to the next.
+            self._suffix_site, self._suffix, self._cache = site, self.model.suffix(site), {}
+        suffix = self._suffix
+        starts = range(0, len(self.data), self.chunk_samples)
+        cache = self._cache
+        cached_bytes = sum(value.nbytes for values in cache.values() for value in values)
+
+        for trial in trials:
+            started = time.perf_counter()
+            level = site_noise(self.noise, trial.sigma, self.scales.get(site, 1.0))
+            seed = self.seed_of(trial)
+            correct = 0
+            for start in starts:
+                boundary = cache.get(start)
+                if boundary is None:
+                    boundary = suffix.prepare(self.data.x[start : start + self.chunk_samples])
+                    size = sum(value.nbytes for value in boundary)
+                    if cached_bytes + size <= CACHE_BYTES:
+                        cache[start] = boundary
+                        cached_bytes += size
+                value = boundary[0]
+                mul, add = draw_noise(level, value.shape, seed, site, start, value.dtype)
+                logits = suffix.run(boundary, apply_noise(value, mul, add))
+                correct += count_correct(logits, self.data.y[start : start + self.chunk_samples])
+            yield TrialResult(correct, len(self.data), seconds=time.perf_counter() - started)

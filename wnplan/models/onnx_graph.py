@@ -1,0 +1,294 @@
+"""Graph edits on ONNX models: site discovery, noise insertion and suffix extraction.
+
+All edits work on copies. Every rewritten model is topologically sorted and passes
+`onnx.checker` before a session is built from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+from wnplan.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+# Operators that only move or reinterpret data; their outputs are not sites.
+DATA_MOVEMENT_OPS = frozenset(
+    {
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Shape",
+        "Size",
+        "Constant",
+        "ConstantOfShape",
+        "Cast",
+        "CastLike",
+        "Gather",
+        "Slice",
+        "Expand",
+        "Dropout",
+        "Split",
+        "Tile",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+
+FLOAT_TYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+)
+
+NOISE_INPUT_PREFIX = "wnplan_noise"
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Return the tensors a node reads, including outer-scope names used by its sub-graphs."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in _subgraphs(attribute):
+            names.extend(sorted(_outer_names(graph)))
+    return names
+
+
+def _subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attribute.type == onnx.AttributeProto.GRAPH:
+        return [attribute.g]
+    if attribute.type == onnx.AttributeProto.GRAPHS:
+        return list(attribute.graphs)
+    return []
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    defined = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(name for name in node_inputs(node) if name not in defined)
+        defined.update(node.output)
+    return used
+
+
+def sort_topologically(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Return the graph's nodes in a topological order, keeping the given order where valid."""
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+    available.add("")
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(name in available for name in node_inputs(node)):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = sorted(
+                {name for node in remaining for name in node_inputs(node)} - available
+            )
+            raise ModelError(
+                f"the ONNX graph has a cycle or reads undefined tensors {missing[:5]}; "
+                "re-export the model"
+            )
+        pending = remaining
+    return ordered
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Return the inferred type of every named tensor of the main graph."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # inference is best effort; onnx raises several error types
+        logger.debug("shape inference failed: %s", error)
+        inferred = model
+    graph = inferred.graph
+    types = {value.name: value.type for value in graph.value_info}
+    types.update({value.name: value.type for value in graph.input})
+    types.update({value.name: value.type for value in graph.output})
+    for init in graph.initializer:
+        types.setdefault(init.name, helper.make_tensor_type_proto(init.data_type, list(init.dims)))
+    return types
+
+
+def elem_type(types: dict[str, onnx.TypeProto], name: str) -> int | None:
+    kind = types.get(name)
+    if kind is None or not kind.HasField("tensor_type"):
+        return None
+    return kind.tensor_type.elem_type
+
+
+def depends_on_inputs(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Return the tensors whose values depend on a graph input (not only on constants)."""
+    initializers = {init.name for init in graph.initializer}
+    live = {value.name for value in graph.input if value.name not in initializers}
+    for node in nodes:
+        if any(name in live for name in node_inputs(node)):
+            live.update(name for name in node.output if name)
+    return live
+
+
+def reaches(nodes: Sequence[onnx.NodeProto], start: str, targets: set[str]) -> bool:
+    """Return whether any of `targets` depends on tensor `start`."""
+    reached = {start}
+    for node in nodes:
+        if any(name in reached for name in node_inputs(node)):
+            reached.update(node.output)
+    return bool(reached & targets)
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str], types: dict) -> onnx.ModelProto:
+    """Return a copy of the model whose outputs are the given tensors."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    for name in names:
+        copy.graph.output.append(_value_info(name, types))
+    return copy
+
+
+def insert_noise(
+    model: onnx.ModelProto, tensors: Sequence[str], parts: Sequence[tuple[bool, bool]], types: dict
+) -> onnx.ModelProto:
+    """Return a copy with `x · mul + add` applied to each named tensor.
+
+    For tensor k, `parts[k]` tells whether the Mul and the Add are present. Their operands are
+    new graph inputs named `wnplan_noise_mul_k` and `wnplan_noise_add_k`, fed by the caller.
+    The inserted nodes follow the producer of each tensor, so the order stays topological.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    producers = {output: position for position, node in enumerate(graph.node) for output in node.output}
+
+    inserts: dict[int, list[onnx.NodeProto]] = {}
+    renames: dict[str, str] = {}
+    for position, (name, (has_mul, has_add)) in enumerate(zip(tensors, parts, strict=True)):
+        nodes, noisy = _noise_nodes(graph, name, position, has_mul, has_add, types)
+        inserts.setdefault(producers.get(name, -1), []).extend(nodes)
+        renames[name] = noisy
+
+    inserted_names = {output for nodes in inserts.values() for node in nodes for output in node.output}
+    originals = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(inserts.get(-1, []))
+    for position, node in enumerate(originals):
+        _rename_inputs(node, renames)
+        graph.node.append(node)
+        graph.node.extend(inserts.get(position, []))
+    for output in graph.output:
+        if output.name in renames:
+            output.name = renames[output.name]
+
+    check_model(copy)
+    logger.debug("inserted noise at %d tensors (%d new tensors)", len(tensors), len(inserted_names))
+    return copy
+
+
+def _noise_nodes(
+    graph: onnx.GraphProto, name: str, position: int, has_mul: bool, has_add: bool, types: dict
+) -> tuple[list[onnx.NodeProto], str]:
+    value_type = elem_type(types, name) or TensorProto.FLOAT
+    current = name
+    nodes = []
+    for part, present in (("mul", has_mul), ("add", has_add)):
+        if not present:
+            continue
+        operand = f"{NOISE_INPUT_PREFIX}_{part}_{position}"
+        graph.input.append(helper.make_tensor_value_info(operand, value_type, _shape_of(types, name)))
+        result = f"{name}__wnplan_{part}"
+        nodes.append(
+            helper.make_node(part.capitalize(), [current, operand], [result], name=f"wnplan_{part}_{position}")
+        )
+        current = result
+    return nodes, current
+
+
+def _rename_inputs(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    for slot, name in enumerate(node.input):
+        if name in renames:
+            node.input[slot] = renames[name]
+    for attribute in node.attribute:
+        for subgraph in _subgraphs(attribute):
+            local = {value.name for value in subgraph.input} | {
+                output for inner in subgraph.node for output in inner.output
+            }
+            outer = {old: new for old, new in renames.items() if old not in local}
+            for inner in subgraph.node:
+                _rename_inputs(inner, outer)
+            for output in subgraph.output:
+                if output.name in outer:
+                    output.name = outer[output.name]
+
+
+def extract_suffix(
+    model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], site: str, types: dict
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Return the sub-model downstream of tensor `site`, and its inputs (site first).
+
+    The suffix holds every node that depends on `site`. Its other inputs are the tensors those
+    nodes read from outside the suffix, such as the start of a skip connection.
+    """
+    reached = {site}
+    suffix_nodes = []
+    for node in nodes:
+        if any(name in reached for name in node_inputs(node)):
+            suffix_nodes.append(node)
+            reached.update(node.output)
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    produced = {output for node in suffix_nodes for output in node.output}
+    boundary = [site]
+    for node in suffix_nodes:
+        for name in node_inputs(node):
+            if name not in produced and name not in initializers and name not in boundary:
+                boundary.append(name)
+
+    used = {name for node in suffix_nodes for name in node_inputs(node)}
+    graph = helper.make_graph(
+        suffix_nodes,
+        f"{model.graph.name}_suffix",
+        [_value_info(name, types) for name in boundary],
+        [model.graph.output[0]],
+        [init for name, init in initializers.items() if name in used],
+    )
+    suffix = helper.make_model(graph, opset_imports=list(model.opset_import))
+    suffix.ir_version = model.ir_version
+    check_model(suffix)
+    return suffix, boundary
+
+
+def _value_info(name: str, types: dict) -> onnx.ValueInfoProto:
+    value_type = elem_type(types, name) or TensorProto.FLOAT
+    return helper.make_tensor_value_info(name, value_type, _shape_of(types, name))
+
+
+def _shape_of(types: dict, name: str) -> list | None:
+    """Return the tensor's shape with the batch dimension left symbolic, or None if unknown."""
+    kind = types.get(name)
+    if kind is None or not kind.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str] = []
+    for position, dim in enumerate(kind.tensor_type.shape.dim):
+        if position == 0:
+            dims.append("batch")
+        elif dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        else:
+            dims.append(dim.dim_param or f"d{position}")
+    return dims
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Raise ModelError if a rewritten model fails `onnx.checker`."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid graph"
+        raise ModelError(f"the rewritten ONNX graph is invalid: {first_line}") from None

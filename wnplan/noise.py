@@ -1,0 +1,188 @@
+"""Gaussian noise models and reproducible noise draws.
+
+Every noise kind is applied to an activation x as the affine map `x · mul + add`:
+
+- additive: mul = 1, add ~ N(0, σ²);
+- multiplicative: mul ~ N(1, σ²), add = 0;
+- mixed, multiplicative first: `x · N(1, σ_mul²) + N(0, σ_add²)`;
+- mixed, additive first: `(x + N(0, σ_add²)) · N(1, σ_mul²)`, which is
+  `x · mul + add · mul`, so the caller gets `add` already multiplied.
+
+On one σ axis, mixed noise uses the amplitude A = σ and a ratio r:
+σ_add = A·r and σ_mul = A·(1 − r).
+
+Noise is drawn outside the model and fed in, never by in-graph random ops, because a
+fresh onnxruntime session repeats the draws of the first one. Each draw comes from a
+generator seeded by (trial seed, site index, block of samples), so the noise a sample gets
+does not depend on how samples are batched, which worker runs the trial, or in which order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from wnplan.errors import SettingsError
+
+NOISE_KINDS = ("additive", "multiplicative", "mixed")
+NOISE_ORDERS = ("mul-first", "add-first")
+REFERENCES = ("absolute", "rms", "range")
+
+# Noise for sample i is drawn in the block i // NOISE_BLOCK. Changing it changes every draw.
+NOISE_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """The noise model of a sweep.
+
+    Attributes:
+        kind: "additive", "multiplicative" or "mixed".
+        order: for mixed noise, "mul-first" or "add-first"; ignored otherwise.
+        mix_ratio: r in [0, 1] for mixed noise on one axis: σ_add = A·r, σ_mul = A·(1 − r).
+        reference: "absolute" σ, or σ relative to the site's clean "rms" or "range".
+    """
+
+    kind: str = "additive"
+    order: str = "mul-first"
+    mix_ratio: float = 0.5
+    reference: str = "absolute"
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_KINDS:
+            raise SettingsError(
+                f"unknown noise kind {self.kind!r}: expected one of {', '.join(NOISE_KINDS)}"
+            )
+        if self.order not in NOISE_ORDERS:
+            raise SettingsError(
+                f"unknown noise order {self.order!r}: expected one of {', '.join(NOISE_ORDERS)}"
+            )
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise SettingsError(f"invalid --mix-ratio {self.mix_ratio}: expected a value in [0, 1]")
+        if self.reference not in REFERENCES:
+            raise SettingsError(
+                f"unknown noise reference {self.reference!r}: expected one of "
+                f"{', '.join(REFERENCES)}"
+            )
+
+    def components(self, sigma: float) -> tuple[float, float]:
+        """Split one σ (or mixed amplitude A) into (σ_add, σ_mul), in the spec's reference."""
+        if self.kind == "additive":
+            return sigma, 0.0
+        if self.kind == "multiplicative":
+            return 0.0, sigma
+        return sigma * self.mix_ratio, sigma * (1.0 - self.mix_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        if self.kind != "mixed":
+            record.pop("order")
+            record.pop("mix_ratio")
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> NoiseSpec:
+        return cls(
+            kind=record["kind"],
+            order=record.get("order", "mul-first"),
+            mix_ratio=float(record.get("mix_ratio", 0.5)),
+            reference=record.get("reference", "absolute"),
+        )
+
+
+@dataclass(frozen=True)
+class SiteNoise:
+    """Absolute noise levels at one site: y = x · N(1, sigma_mul²) + N(0, sigma_add²).
+
+    `add_first` applies the additive part before the multiplicative one.
+    """
+
+    sigma_add: float = 0.0
+    sigma_mul: float = 0.0
+    add_first: bool = False
+
+    @property
+    def is_clean(self) -> bool:
+        return self.sigma_add == 0.0 and self.sigma_mul == 0.0
+
+
+def site_noise(spec: NoiseSpec, sigma: float, scale: float = 1.0) -> SiteNoise:
+    """Turn σ in the spec's reference into absolute levels at a site.
+
+    Args:
+        spec: the noise model.
+        sigma: σ (or mixed amplitude) in the spec's reference.
+        scale: the site's reference statistic (clean RMS or range) for relative σ; 1 for
+            absolute σ. Multiplicative noise is already relative to x, so only σ_add is scaled.
+    """
+    sigma_add, sigma_mul = spec.components(sigma)
+    return SiteNoise(sigma_add * scale, sigma_mul, spec.kind == "mixed" and spec.order == "add-first")
+
+
+def derive_seed(base_seed: int, identity: Mapping[str, Any]) -> int:
+    """Derive a 128-bit seed from the user's seed and a trial's identity.
+
+    The identity is hashed as canonical JSON, so the seed depends only on what the trial is.
+    """
+    canonical = json.dumps({"seed": base_seed, "trial": identity}, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:16], "little")
+
+
+def draw_noise(
+    noise: SiteNoise,
+    shape: tuple[int, ...],
+    seed: int,
+    site_index: int,
+    start: int,
+    dtype: np.dtype = np.float32,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Draw (mul, add) for samples `start … start + shape[0] − 1` at one site.
+
+    Returns arrays of `shape` such that the noisy activation is `x * mul + add`; either is None
+    when that part is absent. The draw for a sample depends only on (seed, site_index, sample
+    index), whatever `start` and the batch size are.
+    """
+    if noise.is_clean:
+        return None, None
+    count = shape[0]
+    features = shape[1:]
+    mul = np.empty(shape, dtype) if noise.sigma_mul > 0 else None
+    add = np.empty(shape, dtype) if noise.sigma_add > 0 else None
+
+    first_block = start // NOISE_BLOCK
+    last_block = (start + count - 1) // NOISE_BLOCK
+    for block in range(first_block, last_block + 1):
+        block_start = block * NOISE_BLOCK
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, site_index, block])))
+        block_shape = (NOISE_BLOCK, *features)
+        # Both parts are always drawn in the same order, so each has its own fixed stream.
+        mul_block = rng.standard_normal(block_shape, dtype=np.float32) if mul is not None else None
+        add_block = rng.standard_normal(block_shape, dtype=np.float32) if add is not None else None
+
+        low = max(start, block_start)
+        high = min(start + count, block_start + NOISE_BLOCK)
+        target = slice(low - start, high - start)
+        source = slice(low - block_start, high - block_start)
+        if mul is not None:
+            mul[target] = 1.0 + np.float32(noise.sigma_mul) * mul_block[source]
+        if add is not None:
+            add[target] = np.float32(noise.sigma_add) * add_block[source]
+
+    if noise.add_first and mul is not None and add is not None:
+        add *= mul
+    return mul, add
+
+
+def apply_noise(x: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:
+    """Return `x * mul + add`, skipping absent parts; x itself when both are None."""
+    if mul is None and add is None:
+        return x
+    y = x * mul if mul is not None else x.copy()
+    if add is not None:
+        y += add
+    return y

@@ -1,0 +1,301 @@
+"""The profiling pipeline: load, find sites, calibrate, sweep, fit, and build the profile.
+
+`profile()` is the Python entry point behind `wnplan profile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wnplan import records
+from wnplan._version import __version__
+from wnplan.calibrate import reference_scales, site_statistics
+from wnplan.data import Dataset, load_data, parse_normalize
+from wnplan.errors import DataError, ModelError, SettingsError
+from wnplan.evaluate import InferenceEvaluator
+from wnplan.fit import fit_curve
+from wnplan.models import Model, load_model, read_declaration
+from wnplan.noise import NoiseSpec
+from wnplan.sites import select_sites
+from wnplan.store import DEFAULT_STORE, Store
+from wnplan.sweep import Curve, SweepContext, round_sigma, run_sweep
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("walking", "global", "both")
+MODES = ("inference",)
+FIT_SPACES = ("linear", "log")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What to measure.
+
+    Attributes:
+        noise: the noise model (kind, order, mix ratio, σ reference).
+        scope: "walking" (one site at a time), "global" (all sites at once) or "both".
+        sites: site selection for walking noise (indices, names or op types); None for all.
+        mode: "inference" (a clean-trained model run with noise).
+        repeats: independent noise draws per σ.
+        sigmas: σ values to run exactly, in the noise reference; None for the adaptive grid.
+        seed: base seed; every trial's noise seed derives from it and the trial's identity.
+        fit_space: fit the logistic in σ ("linear") or in log10 σ ("log").
+        global_include_norm: also put global noise on normalization sites.
+    """
+
+    noise: NoiseSpec = field(default_factory=NoiseSpec)
+    scope: str = "walking"
+    sites: str | None = None
+    mode: str = "inference"
+    repeats: int = 3
+    sigmas: tuple[float, ...] | None = None
+    seed: int = 0
+    fit_space: str = "linear"
+    global_include_norm: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("--scope", self.scope, SCOPES)
+        _check_choice("--mode", self.mode, MODES)
+        _check_choice("--fit-space", self.fit_space, FIT_SPACES)
+        if self.repeats < 1:
+            raise SettingsError(f"invalid --repeats {self.repeats}: expected at least 1")
+        if self.sigmas is not None:
+            bad = [sigma for sigma in self.sigmas if not np.isfinite(sigma) or sigma <= 0]
+            if bad or not self.sigmas:
+                raise SettingsError(
+                    f"invalid --sigmas value {bad[0] if bad else '(empty)'}: expected positive "
+                    "finite numbers such as 0.01,0.1,1"
+                )
+
+
+def _check_choice(option: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise SettingsError(f"invalid {option} {value!r}: expected one of {', '.join(allowed)}")
+
+
+def resolve_data(
+    model_path: str | Path,
+    data: str | None,
+    normalize: str | None,
+    limit: int | None,
+    default_split: str = "test",
+) -> Dataset:
+    """Load `data`, or the data the model file declares when `data` is None."""
+    if data is None:
+        declaration = read_declaration(model_path)
+        if declaration is None:
+            raise DataError(
+                f"{model_path} declares no data: pass --data (a .npz file, an IDX folder, "
+                "fashion-mnist or digits) and --normalize MEAN,STD if the model expects it"
+            )
+        data = declaration.data
+        if normalize is None:
+            normalize = declaration.normalize
+        logger.info("using the data declared in %s: %s", declaration.source, data)
+    return load_data(data, parse_normalize(normalize), limit, default_split)
+
+
+def load_model_and_data(
+    model: str | Path,
+    data: str | None = None,
+    normalize: str | None = None,
+    limit: int | None = None,
+    factory: str | None = None,
+    trust: bool = False,
+) -> tuple[Model, Dataset]:
+    """Load a model and its evaluation data, and check that they fit each other."""
+    dataset = resolve_data(model, data, normalize, limit)
+    loaded = load_model(model, factory=factory, trust=trust, sample=dataset.x[:2])
+    loaded.check_input(dataset.x)
+    return loaded, dataset
+
+
+def clean_accuracy(model: Model, data: Dataset) -> tuple[int, int]:
+    """Return (correct, classes) of the clean model; validate its output and the labels."""
+    logits = model.run(data.x[: min(len(data), 64)])
+    if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.floating):
+        raise ModelError(
+            f"the model's first output has shape {logits.shape[1:]} and dtype {logits.dtype}; "
+            "wnplan needs class scores of shape (N, classes)"
+        )
+    classes = int(logits.shape[1])
+    if int(data.y.max()) >= classes:
+        raise DataError(
+            f"labels go up to {int(data.y.max())} but the model outputs {classes} classes; "
+            "check that the data matches the model"
+        )
+    correct = 0
+    for start in range(0, len(data), 4096):
+        batch = model.run(data.x[start : start + 4096])
+        correct += int(np.count_nonzero(batch.argmax(axis=1) == data.y[start : start + 4096]))
+    return correct, classes
+
+
+def build_curves(
+    model: Model, settings: ProfileSettings, a_max: float, a_min: float
+) -> tuple[list[Curve], Curve | None]:
+    """Return the walking curves of the selected sites and the global curve, if requested."""
+    grid = tuple(sorted({round_sigma(sigma) for sigma in settings.sigmas})) if settings.sigmas else None
+    walking: list[Curve] = []
+    if settings.scope in ("walking", "both"):
+        for index in select_sites(model.sites, settings.sites):
+            site = model.sites[index]
+            walking.append(Curve("walking", (index,), (site.name,), a_max, a_min, grid))
+
+    global_curve = None
+    if settings.scope in ("global", "both"):
+        noisy = global_sites(model, settings.global_include_norm)
+        names = tuple(model.sites[index].name for index in noisy)
+        global_curve = Curve("global", tuple(noisy), names, a_max, a_min, grid)
+    return walking, global_curve
+
+
+def global_sites(model: Model, include_norm: bool) -> list[int]:
+    """Return the sites that global noise covers: all, or all but normalization sites."""
+    return [site.index for site in model.sites if include_norm or not site.is_normalization]
+
+
+def profile(
+    model: str | Path,
+    data: str | None = None,
+    settings: ProfileSettings | None = None,
+    *,
+    normalize: str | None = None,
+    limit: int | None = None,
+    factory: str | None = None,
+    trust: bool = False,
+    store: str | Path | None = DEFAULT_STORE,
+    fresh: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure per-site (walking) and global noise sensitivity and return the profile record.
+
+    Args:
+        model: a model file (see `wnplan.models.load_model`).
+        data: a data specification (see `wnplan.data.load_data`); None uses the model's
+            declared data.
+        settings: what to measure.
+        normalize: `MEAN,STD` applied after scaling images to [0, 1]; None uses the model's
+            declaration, if any.
+        limit: evaluate only the first `limit` samples.
+        factory, trust: see `load_model`.
+        store: the SQLite result store; None keeps results in memory only.
+        fresh: ignore stored results (and overwrite them).
+        progress: called with (finished trials, planned trials).
+
+    Returns:
+        The profile as a JSON-ready dict, valid under the profile schema.
+    """
+    settings = settings or ProfileSettings()
+    started = time.perf_counter()
+
+    loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
+    correct, classes = clean_accuracy(loaded, dataset)
+    a_max, a_min = correct / len(dataset), 1.0 / classes
+    statistics = site_statistics(loaded, dataset)
+    walking, global_curve = build_curves(loaded, settings, a_max, a_min)
+    curves = walking + ([global_curve] if global_curve else [])
+
+    counts = _measure(loaded, dataset, settings, statistics, curves, store, fresh, progress)
+    record = _profile_record(
+        loaded, dataset, settings, statistics, correct, classes, walking, global_curve
+    )
+    logger.info(
+        "profile done: %d trials (%d computed, %d from the store) in %.1f s",
+        counts["total"], counts["computed"], counts["reused"], time.perf_counter() - started,
+    )
+    records.validate(record, "profile")
+    return record
+
+
+def _measure(loaded, dataset, settings, statistics, curves, store, fresh, progress) -> dict[str, int]:
+    scales = reference_scales(statistics, settings.noise.reference)
+    opened = Store(store) if store is not None else None
+    try:
+        context = SweepContext(
+            loaded.sha256, dataset.sha256, settings.noise.to_dict(), settings.mode, settings.seed, opened, fresh
+        )
+        evaluator = InferenceEvaluator(loaded, dataset, settings.noise, scales, context.noise_seed)
+        return run_sweep(curves, settings.repeats, context, evaluator.run_group, progress)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _profile_record(
+    loaded: Model,
+    dataset: Dataset,
+    settings: ProfileSettings,
+    statistics: list[dict[str, float]],
+    correct: int,
+    classes: int,
+    walking: list[Curve],
+    global_curve: Curve | None,
+) -> dict[str, Any]:
+    by_site = {curve.sites[0]: curve for curve in walking}
+    global_members = set(global_curve.sites) if global_curve else set()
+    sites = []
+    for site in loaded.sites:
+        entry = site.to_dict()
+        entry["statistics"] = statistics[site.index]
+        entry["normalization"] = site.is_normalization
+        entry["in_global"] = site.index in global_members
+        curve = by_site.get(site.index)
+        entry["walking"] = _curve_record(curve, classes, settings.fit_space) if curve else None
+        sites.append(entry)
+
+    global_record = None
+    if global_curve is not None:
+        global_record = _curve_record(global_curve, classes, settings.fit_space)
+        global_record["sites"] = list(global_curve.sites)
+
+    return {
+        "kind": "profile",
+        "schema_version": records.SCHEMA_VERSION,
+        "wnplan_version": __version__,
+        "model": loaded.describe(),
+        "data": dataset.describe(),
+        "noise": settings.noise.to_dict(),
+        "settings": {
+            "scope": settings.scope,
+            "mode": settings.mode,
+            "repeats": settings.repeats,
+            "seed": settings.seed,
+            "fit_space": settings.fit_space,
+            "grid": "given" if settings.sigmas else "adaptive",
+            "sigmas": list(settings.sigmas) if settings.sigmas else None,
+            "site_selection": settings.sites,
+            "global_include_norm": settings.global_include_norm,
+        },
+        "classes": classes,
+        "chance": 1.0 / classes,
+        "clean": {"accuracy": correct / len(dataset), "correct": correct, "samples": len(dataset)},
+        "sites": sites,
+        "global": global_record,
+    }
+
+
+def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
+    fit = fit_curve(curve.curve_points(), chance=1.0 / classes, space=fit_space)
+    return {"points": curve.points(), "fit": fit.to_dict()}
+
+
+def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
+    """Return the number of trials a profile runs, and whether that is exact.
+
+    With a given σ grid the count is exact; with the adaptive grid it is the first round
+    plus a typical refinement (an estimate).
+    """
+    walking, global_curve = build_curves(model, settings, 1.0, 0.0)
+    curves = len(walking) + (1 if global_curve else 0)
+    if settings.sigmas:
+        return curves * len(set(settings.sigmas)) * settings.repeats, True
+    typical_points = 6 + 10  # coarse decades + refinement where the curve falls
+    return curves * typical_points * settings.repeats, False

@@ -1,0 +1,112 @@
+"""Reading and writing profile, plan and check files.
+
+Every file is validated against its JSON Schema (shipped in `wnplan/schemas/`) on write and
+on read, because accelerator toolchains consume them. Files are written with sorted keys,
+without NaN, atomically (a temporary file in the same folder, then a rename), so a killed
+write leaves the old file or none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from wnplan.errors import FileFormatError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KINDS = ("profile", "plan", "check")
+DEFAULT_PATHS = {
+    "profile": Path("wnplan-profile.json"),
+    "plan": Path("wnplan-plan.json"),
+    "check": Path("wnplan-check.json"),
+}
+
+
+@cache
+def load_schema(kind: str) -> dict[str, Any]:
+    """Return the JSON Schema of a file kind ("profile", "plan" or "check")."""
+    text = resources.files("wnplan").joinpath("schemas", f"{kind}.schema.json").read_text()
+    return json.loads(text)
+
+
+def validate(record: dict[str, Any], kind: str, source: str = "") -> None:
+    """Raise FileFormatError naming the first invalid field of a record."""
+    validator = jsonschema.Draft202012Validator(load_schema(kind))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    if error is None:
+        return
+    location = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+    where = f"{source}: " if source else ""
+    raise FileFormatError(
+        f"{where}invalid {kind} file: field {location}: {error.message}; regenerate it with "
+        f"wnplan or fix that field"
+    )
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """Return canonical JSON: sorted keys, two-space indent, no NaN or infinity."""
+    try:
+        return json.dumps(record, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    except ValueError as error:
+        raise FileFormatError(f"refusing to write a non-finite number: {error}") from None
+
+
+def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
+    """Validate a record and write it atomically; return the path written."""
+    validate(record, kind)
+    path = Path(path)
+    text = dumps(record)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s %s", kind, path)
+    return path
+
+
+def read_record(path: str | Path, kind: str) -> dict[str, Any]:
+    """Read and validate a profile, plan or check file.
+
+    Raises:
+        FileFormatError: the file is missing, not JSON, or does not match its schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; run `wnplan {'profile' if kind == 'profile' else 'allocate' if kind == 'plan' else 'check'}` first"
+        raise FileFormatError(f"{kind} file not found: {str(path)!r}{hint}")
+    try:
+        record = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: cannot read the {kind} file ({error})") from None
+    except ValueError as error:
+        raise FileFormatError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise FileFormatError(f"{path}: a {kind} file must contain a JSON object")
+    if record.get("kind") != kind:
+        raise FileFormatError(
+            f"{path}: this is a {record.get('kind', 'unknown')!s} file, but a {kind} file is needed"
+        )
+    validate(record, kind, str(path))
+    return record
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")

@@ -1,0 +1,271 @@
+"""Trials, adaptive σ grids, and the sweep loop that runs them through the store.
+
+A *trial* is one accuracy measurement: one scope (a walking site, or global), one σ, one
+repeat. Its identity (scope, site, noise model, σ, repeat, mode) seeds its noise and keys
+its stored result, so results do not depend on batching, executors or execution order.
+
+A *curve* is the set of trials of one scope. Its σ grid is either given by the user, or
+grown in rounds: a coarse log grid, extended by decades until the accuracy falls past
+half-way, then refined at 4 and 8 points per decade where it falls. Every decision
+depends only on measured accuracies, so a resumed sweep takes the same decisions and
+finds their trials in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wnplan.fit import CurvePoint
+from wnplan.noise import derive_seed
+from wnplan.store import Store, TrialResult, trial_key
+
+logger = logging.getLogger(__name__)
+
+COARSE_DECADES = range(-3, 3)  # 1e-3 … 1e2
+SIGMA_MIN = 1e-6
+SIGMA_MAX = 1e10
+MAX_ROUNDS = 12
+FALL_MARGIN = 0.1  # fraction of the accuracy range that counts as "not yet falling" / "fallen"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One accuracy measurement: a scope at one σ and one repeat.
+
+    Attributes:
+        scope: "walking" (noise at one site) or "global" (noise at `sites`).
+        sites: indices of the noisy sites.
+        site_names: their names, which enter the identity so it survives re-indexing.
+        sigma: σ in the profile's reference (absolute, or relative to each site's statistic).
+        repeat: repeat number, 0-based; each repeat draws independent noise.
+    """
+
+    scope: str
+    sites: tuple[int, ...]
+    site_names: tuple[str, ...]
+    sigma: float
+    repeat: int
+
+    def identity(self, noise: dict[str, Any], mode: str, seed: int) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "sites": list(self.site_names),
+            "noise": noise,
+            "sigma": self.sigma,
+            "repeat": self.repeat,
+            "mode": mode,
+            "seed": seed,
+        }
+
+
+@dataclass
+class Curve:
+    """The σ grid and results of one scope (one walking site, or the global scope).
+
+    Attributes:
+        scope: "walking" or "global".
+        sites: indices of the noisy sites.
+        site_names: their names.
+        a_max: clean accuracy, the top of the curve.
+        a_min: chance accuracy, the bottom of the curve.
+        fixed_grid: the user's σ values, run exactly as given; None for the adaptive grid.
+        reasons: why each σ was added ("coarse", "extend", "refine", "crossing", "given").
+        results: repeat results per σ.
+    """
+
+    scope: str
+    sites: tuple[int, ...]
+    site_names: tuple[str, ...]
+    a_max: float
+    a_min: float
+    fixed_grid: tuple[float, ...] | None = None
+    reasons: dict[float, str] = field(default_factory=dict)
+    results: dict[float, list[TrialResult]] = field(default_factory=dict)
+
+    def propose(self) -> dict[float, str]:
+        """Return the next σ values to measure, with the reason for each; empty when done."""
+        if self.fixed_grid is not None:
+            return {} if self.reasons else {sigma: "given" for sigma in self.fixed_grid}
+        if not self.reasons:
+            return {10.0**k: "coarse" for k in COARSE_DECADES}
+        return _next_sigmas(self.mean_accuracies(), self.a_max, self.a_min, set(self.reasons))
+
+    def mean_accuracies(self) -> dict[float, float]:
+        return {
+            sigma: float(np.mean([result.accuracy for result in results]))
+            for sigma, results in sorted(self.results.items())
+        }
+
+    def points(self) -> list[dict[str, Any]]:
+        """Return the measured points in σ order, as JSON records with their reason."""
+        records = []
+        for sigma, results in sorted(self.results.items()):
+            accuracies = np.array([result.accuracy for result in results])
+            stderr = float(accuracies.std(ddof=1) / math.sqrt(len(accuracies))) if len(accuracies) > 1 else 0.0
+            records.append(
+                {
+                    "sigma": sigma,
+                    "accuracy": float(accuracies.mean()),
+                    "stderr": stderr,
+                    "samples": int(results[0].total),
+                    "repeats": len(results),
+                    "reason": self.reasons.get(sigma, "given"),
+                }
+            )
+        return records
+
+    def curve_points(self) -> list[CurvePoint]:
+        return [
+            CurvePoint(record["sigma"], record["accuracy"], record["stderr"], record["samples"], record["repeats"])
+            for record in self.points()
+        ]
+
+
+def _next_sigmas(accuracy: dict[float, float], a_max: float, a_min: float, tried: set[float]) -> dict[float, str]:
+    sigmas = sorted(accuracy)
+    span = a_max - a_min
+    half = a_min + span / 2
+    if span <= 0:
+        return {}  # a model at chance has no fall to measure; the fit reports it
+
+    largest, smallest = sigmas[-1], sigmas[0]
+    if accuracy[largest] > half and largest < SIGMA_MAX:
+        return _new({largest * 10.0, largest * 100.0}, tried, "extend")
+    if accuracy[smallest] < half and smallest > SIGMA_MIN:
+        return _new({smallest / 10.0, smallest / 100.0}, tried, "extend")
+
+    # The fall lies between the last σ still near the top and the first σ near the bottom.
+    high = [sigma for sigma in sigmas if accuracy[sigma] >= a_max - FALL_MARGIN * span]
+    low = [sigma for sigma in sigmas if accuracy[sigma] <= a_min + FALL_MARGIN * span]
+    start = max([sigma for sigma in high if not low or sigma < low[-1]], default=smallest)
+    end = min([sigma for sigma in low if sigma > start], default=largest)
+    proposals = _new(set(_log_grid(start, end, 4)), tried, "refine")
+    if proposals:
+        return proposals
+
+    above = [sigma for sigma in sigmas if accuracy[sigma] > half]
+    below = [sigma for sigma in sigmas if accuracy[sigma] <= half and (not above or sigma > above[0])]
+    if above and below:
+        bracket_low = max(sigma for sigma in above if sigma < below[0]) if any(s < below[0] for s in above) else None
+        if bracket_low is not None:
+            return _new(set(_log_grid(bracket_low, below[0], 8)), tried, "crossing")
+    return {}
+
+
+def _log_grid(start: float, end: float, per_decade: int) -> list[float]:
+    """Return grid points k/per_decade decades apart that lie strictly between start and end."""
+    if end <= start:
+        return []
+    first = math.floor(math.log10(start) * per_decade) + 1
+    last = math.ceil(math.log10(end) * per_decade) - 1
+    return [round_sigma(10.0 ** (k / per_decade)) for k in range(first, last + 1)]
+
+
+def round_sigma(sigma: float) -> float:
+    """Round σ to 6 significant digits, so grid points are identical across rounds."""
+    return float(f"{sigma:.6g}")
+
+
+def _new(candidates: Iterable[float], tried: set[float], reason: str) -> dict[float, str]:
+    rounded = {round_sigma(sigma) for sigma in candidates}
+    return {sigma: reason for sigma in sorted(rounded) if sigma not in tried and SIGMA_MIN <= sigma <= SIGMA_MAX}
+
+
+# Evaluates trials of one scope and yields one result per trial, in order, as each finishes.
+GroupRunner = Callable[[Sequence[Trial]], Iterator[TrialResult]]
+
+
+@dataclass
+class SweepContext:
+    """What identifies a sweep's trials in the store."""
+
+    model_sha256: str
+    data_sha256: str
+    noise: dict[str, Any]
+    mode: str
+    seed: int
+    store: Store | None
+    fresh: bool = False
+
+    def key(self, trial: Trial) -> str:
+        return trial_key(self.model_sha256, self.data_sha256, trial.identity(self.noise, self.mode, self.seed))
+
+    def identity(self, trial: Trial) -> dict[str, Any]:
+        return trial.identity(self.noise, self.mode, self.seed)
+
+    def noise_seed(self, trial: Trial) -> int:
+        return derive_seed(self.seed, self.identity(trial))
+
+
+def run_sweep(
+    curves: Sequence[Curve],
+    repeats: int,
+    context: SweepContext,
+    run_group: GroupRunner,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Measure every curve until its grid is complete; return trial counts.
+
+    Results are read from and written to the store as they finish. `progress(done, total)`
+    is called as trials finish; the total grows when the adaptive grid adds points.
+    """
+    counts = {"total": 0, "computed": 0, "reused": 0}
+    # Curves are finished one at a time, so an evaluator can keep one site's clean values
+    # cached across all rounds of that site's grid.
+    for curve in curves:
+        for round_number in range(MAX_ROUNDS):
+            new = curve.propose()
+            if not new:
+                break
+            logger.debug("%s %s round %d: %d new σ values", curve.scope, curve.site_names[:1], round_number + 1, len(new))
+            curve.reasons.update(new)
+            trials = [
+                Trial(curve.scope, curve.sites, curve.site_names, sigma, repeat)
+                for sigma in new
+                for repeat in range(repeats)
+            ]
+            counts["total"] += len(trials)
+            results = _run_group(trials, context, run_group, counts, progress)
+            for trial, result in zip(trials, results, strict=True):
+                curve.results.setdefault(trial.sigma, []).append(result)
+    return counts
+
+
+def _run_group(
+    trials: Sequence[Trial],
+    context: SweepContext,
+    run_group: GroupRunner,
+    counts: dict[str, int],
+    progress: Callable[[int, int], None] | None,
+) -> list[TrialResult]:
+    keys = [context.key(trial) for trial in trials]
+    use_store = context.store is not None and not context.fresh
+    stored = context.store.get_many(keys) if use_store else {}
+    missing = [position for position, key in enumerate(keys) if key not in stored]
+    counts["reused"] += len(trials) - len(missing)
+    if progress:
+        progress(counts["computed"] + counts["reused"], counts["total"])
+
+    if missing:
+        started = time.perf_counter()
+        computed = run_group([trials[position] for position in missing])
+        # Each result is committed as soon as it is yielded, so a killed run keeps it.
+        for position, result in zip(missing, computed, strict=True):
+            stored[keys[position]] = result
+            if context.store is not None:
+                context.store.put(
+                    keys[position], context.model_sha256, context.data_sha256,
+                    context.identity(trials[position]), result, replace=context.fresh,
+                )
+            counts["computed"] += 1
+            if progress:
+                progress(counts["computed"] + counts["reused"], counts["total"])
+        logger.debug("%d trials in %.2f s", len(missing), time.perf_counter() - started)
+    return [stored[key] for key in keys]
