@@ -110,7 +110,7 @@ def profile(
     noise: Annotated[str, typer.Option(help=f"Noise kind: {', '.join(NOISE_KINDS)}.")] = "additive",
     order: Annotated[str, typer.Option(help=f"Order of mixed noise: {', '.join(NOISE_ORDERS)}.")] = "mul-first",
     mix_ratio: Annotated[float, typer.Option(help="Mixed noise ratio r: σ_add = A·r, σ_mul = A·(1−r).")] = 0.5,
-    scope: Annotated[str, typer.Option(help="walking (one site at a time), global (all sites at once) or both.")] = "walking",
+    scope: Annotated[str, typer.Option(help="walking (one site at a time), global (all sites at once) or both. The global midpoint is check's default σ.")] = "both",
     sites_selection: Annotated[str | None, typer.Option("--sites", help="Sites for walking noise: indices, ranges (2-5), names or op types, comma-separated. Default: all.")] = None,
     mode: Annotated[str, typer.Option(help="inference: the clean-trained model runs with noise.")] = "inference",
     repeats: Annotated[int, typer.Option(help="Independent noise draws per σ.")] = 3,

@@ -487,7 +487,10 @@ def _least_squares(curve: _Curve, start: dict[str, float], fixed: dict[str, floa
 
 
 def _bounds(curve: _Curve, names: list[str]) -> tuple[list[float], list[float]]:
-    """Keep accuracies and the step weight in [0, 1], µ near the data, and s > 0."""
+    """Return bounds that keep accuracies and the step weight in [0, 1], and µ near the data.
+
+    s stays between a thousandth of the finest σ step and ten times the measured range.
+    """
     x_low, x_high = _measured_range(curve)
     span = x_high - x_low
     finest_step = float(np.min(np.diff(curve.x[np.isfinite(curve.x)])))

@@ -141,7 +141,7 @@ def allocate(
         "wnplan_version": __version__,
         "profile": {
             "path": str(profile_path) if profile_path is not None else "",
-            "sha256": _profile_hash(profile),
+            "sha256": records.record_sha256(profile),
             "model": profile["model"],
             "data": profile["data"],
             "noise": profile["noise"],
@@ -176,9 +176,3 @@ def _predict_model(profile: dict[str, Any], entries: list[dict[str, Any]]) -> fl
     clean = profile["clean"]["accuracy"]
     loss = sum(max(0.0, clean - entry["predicted_accuracy"]) for entry in entries)
     return float(max(profile["chance"], clean - loss))
-
-
-def _profile_hash(profile: dict[str, Any]) -> str:
-    import hashlib
-
-    return hashlib.sha256(records.dumps(profile).encode()).hexdigest()

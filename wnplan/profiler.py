@@ -51,7 +51,7 @@ class ProfileSettings:
     """
 
     noise: NoiseSpec = field(default_factory=NoiseSpec)
-    scope: str = "walking"
+    scope: str = "both"
     sites: str | None = None
     mode: str = "inference"
     repeats: int = 3

@@ -8,6 +8,7 @@ write leaves the old file or none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,11 @@ def dumps(record: dict[str, Any]) -> str:
         return json.dumps(record, sort_keys=True, indent=2, allow_nan=False) + "\n"
     except ValueError as error:
         raise FileFormatError(f"refusing to write a non-finite number: {error}") from None
+
+
+def record_sha256(record: dict[str, Any]) -> str:
+    """Return the sha256 of a record's canonical JSON, which names it in later files."""
+    return hashlib.sha256(dumps(record).encode()).hexdigest()
 
 
 def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:

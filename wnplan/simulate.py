@@ -12,7 +12,6 @@ scaled differently, so their comparison is not drowned in draw-to-draw noise.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -150,12 +149,10 @@ def check(
     if min_accuracy is not None and not 0.0 <= min_accuracy <= 1.0:
         raise SettingsError(f"invalid --min-accuracy {min_accuracy}: expected a fraction in [0, 1]")
 
-    profile_record = records.read_record(plan["profile"]["path"], "profile") if plan["profile"]["path"] else None
-    if profile_record is None:
-        raise SettingsError("the plan does not name the profile it came from; allocate again from a profile file")
+    profile_record, base = _read_plan_profile(plan, plan_path)
     sigma, source = _check_sigma(profile_record, sigma)
     spec = NoiseSpec.from_dict(profile_record["noise"])
-    model, data = load_profile_inputs(profile_record)
+    model, data = load_profile_inputs(profile_record, _locate(profile_record["model"]["path"], base))
     scales = _scales(profile_record, spec.reference)
 
     planned = {site["index"]: site["executions"] for site in plan["sites"]}
@@ -173,7 +170,7 @@ def check(
         "wnplan_version": __version__,
         "plan": {
             "path": str(plan_path or ""),
-            "sha256": hashlib.sha256(records.dumps(plan).encode()).hexdigest(),
+            "sha256": records.record_sha256(plan),
             "method": plan["method"],
             "budget": plan["budget"],
         },
@@ -211,6 +208,27 @@ def verdict(results: Mapping[str, Mapping[str, Any]], min_accuracy: float | None
     if min_accuracy is not None and plan["accuracy"] < min_accuracy:
         return {"passed": False, "reason": f"plan accuracy {plan['accuracy']:.4f} is below --min-accuracy {min_accuracy}"}
     return {"passed": True, "reason": "plan is not below uniform beyond the confidence intervals"}
+
+
+def _read_plan_profile(plan: Mapping[str, Any], plan_path: str | Path | None) -> tuple[dict[str, Any], Path]:
+    """Read the profile a plan names; relative paths are tried from the working directory,
+    then from the plan's folder."""
+    name = plan["profile"]["path"]
+    if not name:
+        raise SettingsError("the plan does not name the profile it came from; allocate again from a profile file")
+    base = Path(plan_path).parent if plan_path else Path(".")
+    path = _locate(name, base)
+    profile_record = records.read_record(path, "profile")
+    if records.record_sha256(profile_record) != plan["profile"]["sha256"]:
+        raise SettingsError(f"{path} changed since the plan was made from it; run `wnplan allocate` again")
+    return profile_record, path.parent
+
+
+def _locate(name: str, base: Path) -> Path:
+    path = Path(name)
+    if path.is_absolute() or path.exists() or not (base / path).exists():
+        return path
+    return base / path
 
 
 def _check_sigma(profile_record: Mapping[str, Any], sigma: float | None) -> tuple[float, str]:
