@@ -193,40 +193,79 @@ def _fit_cells(fit: dict) -> tuple[str, str, str]:
     return shown, "—" if error is None else f"{error:.2g}", fit["status"]
 
 
+AcceleratorOption = Annotated[
+    str | None,
+    typer.Option("--accelerator", help="Accelerator profile: a shipped name (see `wnplan profiles`) or a TOML file."),
+]
+
+
 @app.command()
 def allocate(
     profile_path: Annotated[Path, typer.Argument(metavar="[PROFILE]", help="Profile file.")] = records.DEFAULT_PATHS["profile"],
-    budget: Annotated[int, typer.Option(help="Total executions over all profiled sites (at least one per site).")] = ...,
-    method: Annotated[str, typer.Option(help="paper: executions ∝ 1/µ; uniform: as even as possible.")] = "paper",
+    budget: Annotated[int, typer.Option(help="Total executions over the unshielded profiled sites.")] = ...,
+    method: Annotated[str, typer.Option(help="optimal: predicted optimum refined by simulation; paper: executions ∝ 1/µ; uniform: as even as possible.")] = "optimal",
+    accelerator: AcceleratorOption = None,
+    max_drop: Annotated[float, typer.Option(help="Accepted accuracy drop of the whole model for bit-width hints (fraction).")] = 0.01,
+    shield: Annotated[str, typer.Option(help="none, auto, or sites to run noise-free (indices, names or op types, comma-separated).")] = "none",
+    max_shielded: Annotated[int, typer.Option(help="The most sites --shield auto may shield.")] = 2,
+    min_accuracy: Annotated[float | None, typer.Option(help="Predicted accuracy (fraction) that --shield auto aims for.")] = None,
+    min_executions: Annotated[int, typer.Option(help="Fewest executions of an unshielded site.")] = 1,
+    max_executions: Annotated[int | None, typer.Option(help="Most executions of one site. Default: the budget.")] = None,
+    search_budget: Annotated[float, typer.Option(help="Seconds the optimal method may spend simulating candidate plans; 0 keeps the predicted optimum.")] = 60.0,
+    search_repeats: Annotated[int, typer.Option(help="Noise draws per candidate plan in the search.")] = 8,
+    seed: Annotated[int, typer.Option(help="Base seed of the search's noise draws.")] = 0,
     out: Annotated[Path, typer.Option(help="Plan file to write.")] = records.DEFAULT_PATHS["plan"],
+    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Spread a budget of executions over the profiled sites; write a plan."""
+    """Spread a budget of executions over the profiled sites, hint bit widths, shield sites; write a plan."""
+    from wnplan.accelerator import load_accelerator
+    from wnplan.plan import AllocationSettings
     from wnplan.plan import allocate as run_allocate
 
+    _set_threads(threads)
     profile_record = records.read_record(profile_path, "profile")
-    plan = run_allocate(profile_record, budget, method, profile_path=profile_path)
+    settings = AllocationSettings(
+        budget=budget, method=method, accelerator=load_accelerator(accelerator) if accelerator else None,
+        max_drop=max_drop, shield=shield, max_shielded=max_shielded, min_accuracy=min_accuracy,
+        min_executions=min_executions, max_executions=max_executions, search_budget=search_budget,
+        search_repeats=search_repeats, seed=seed,
+    )
+    with _progress("searching") as advance:
+        plan = run_allocate(profile_record, settings, profile_path=profile_path, progress=lambda done: advance(done, None))
     records.write_record(plan, "plan", out)
     if as_json:
         stdout.print_json(records.dumps(plan))
         return
-    table = Table(title=f"{plan['method']} plan, budget {plan['budget']}")
-    for column in ("site", "name", "op", "µ", "executions", "predicted accuracy"):
-        table.add_column(column, justify="left" if column in ("name", "op") else "right")
+    _print_plan(plan)
+    stderr.print(f"wrote {out}")
+
+
+def _print_plan(plan: dict) -> None:
+    predicted = plan["predicted_accuracy"]
+    title = f"{plan['method']} plan, budget {plan['budget']}"
+    if predicted is not None:
+        title += f", predicted accuracy {predicted:.4f}"
+    table = Table(title=title)
+    for column in ("site", "name", "op", "µ", "executions", "bits", "predicted", "shield"):
+        table.add_column(column, justify="left" if column in ("name", "op", "shield") else "right")
     for site in plan["sites"]:
-        predicted = site.get("predicted_accuracy")
+        predicted_site = site.get("predicted_accuracy")
+        bits = site["bits"].get("bits")
         table.add_row(
             str(site["index"]), site["name"], site["op"], f"{site['midpoint']:.4g}", str(site["executions"]),
-            "—" if predicted is None else f"{predicted:.4f}",
+            "—" if bits is None else str(bits), "—" if predicted_site is None else f"{predicted_site:.4f}",
+            site.get("shield_reason", "") if site["shield"] else "",
         )
     stdout.print(table)
-    stderr.print(f"wrote {out}")
 
 
 @app.command()
 def check(
     plan_path: Annotated[Path, typer.Argument(metavar="[PLAN]", help="Plan file.")] = records.DEFAULT_PATHS["plan"],
-    sigma: Annotated[float | None, typer.Option(help="σ before averaging, in the profile's reference. Default: the profile's global midpoint.")] = None,
+    accelerator: AcceleratorOption = None,
+    sigma: Annotated[float | None, typer.Option(help="Without --accelerator: σ before averaging, in the profile's reference. Default: the profile's global midpoint.")] = None,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Fake-quantize each unshielded site at its hinted bit width.")] = False,
     repeats: Annotated[int, typer.Option(help="Noise draws per allocation.")] = 10,
     min_accuracy: Annotated[float | None, typer.Option(help="Fail (exit 1) when the plan's accuracy is below this fraction.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the noise draws.")] = 0,
@@ -234,20 +273,23 @@ def check(
     threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Simulate the noisy accelerator: the plan against uniform and clean; write the results."""
+    """Simulate the noisy accelerator: the plan against uniform, paper and clean; write the results."""
+    from wnplan.accelerator import load_accelerator
     from wnplan.simulate import check as run_check
 
     _set_threads(threads)
     plan = records.read_record(plan_path, "plan")
-    with _progress("checking", total=2 * repeats) as advance:
+    device = load_accelerator(accelerator) if accelerator else None
+    total = 3 * repeats
+    with _progress("checking", total=total) as advance:
         done = [0]
 
         def step() -> None:
             done[0] += 1
-            advance(done[0], 2 * repeats)
+            advance(done[0], total)
 
-        result = run_check(plan, sigma=sigma, repeats=repeats, seed=seed, min_accuracy=min_accuracy,
-                           plan_path=plan_path, progress=step)
+        result = run_check(plan, accelerator=device, sigma=sigma, quantize=quantize, repeats=repeats, seed=seed,
+                           min_accuracy=min_accuracy, plan_path=plan_path, progress=step)
     records.write_record(result, "check", out)
     if as_json:
         stdout.print_json(records.dumps(result))
@@ -259,9 +301,46 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command("profiles")
+def list_profiles(as_json: JsonOption = False) -> None:
+    """List the shipped accelerator profiles."""
+    from wnplan.accelerator import list_accelerators
+
+    accelerators = list_accelerators()
+    if as_json:
+        stdout.print_json(json.dumps([accelerator.to_dict() for accelerator in accelerators]))
+        return
+    table = Table(title="accelerator profiles (use with --accelerator NAME)")
+    for column in ("name", "noise", "σ_add", "σ_mul", "reference", "bits", "description"):
+        table.add_column(column)
+    for accelerator in accelerators:
+        noise = accelerator.kind + (f" ({accelerator.order})" if accelerator.kind == "mixed" else "")
+        table.add_row(
+            accelerator.name, noise, f"{accelerator.sigma_add:g}", f"{accelerator.sigma_mul:g}",
+            accelerator.reference, ",".join(map(str, accelerator.bit_widths)), accelerator.description,
+        )
+    stdout.print(table)
+
+
+@app.command("export-onnx")
+def export_onnx(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="The ONNX model the plan was made for.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = ...,
+) -> None:
+    """Write the plan into an ONNX model as per-node metadata (executions, bit hint, shield)."""
+    from wnplan.export import export_plan_to_onnx
+
+    plan = records.read_record(plan_path, "plan")
+    annotated = export_plan_to_onnx(plan, model, out)
+    stderr.print(f"wrote {out} ({annotated} nodes annotated)")
+
+
 def _print_check(result: dict) -> None:
     settings = result["settings"]
-    table = Table(title=f"accuracy at σ = {settings['sigma']:.4g} ({settings['sigma_source']}), {settings['repeats']} draws")
+    where = f"σ = {settings['sigma']:.4g} ({settings['sigma_source']})" if settings["sigma"] is not None else f"accelerator {settings['accelerator']['name']}"
+    half = " on the held-out half" if settings.get("data_half") == "odd" else ""
+    table = Table(title=f"accuracy at {where}, {settings['repeats']} draws{half}")
     for column in ("allocation", "accuracy", "95% interval", "predicted"):
         table.add_column(column, justify="left" if column == "allocation" else "right")
     for name, entry in result["results"].items():

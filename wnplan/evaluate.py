@@ -16,6 +16,7 @@ import numpy as np
 from wnplan.data import Dataset
 from wnplan.models import Model
 from wnplan.noise import NoiseSpec, SiteNoise, apply_noise, draw_noise, site_noise
+from wnplan.quantize import Quantizer
 from wnplan.store import TrialResult
 from wnplan.sweep import Trial
 
@@ -35,6 +36,7 @@ def evaluate_noisy(
     levels: Mapping[int, SiteNoise],
     seed: int,
     chunk_samples: int = CHUNK_SAMPLES,
+    quantize: Mapping[int, Quantizer] | None = None,
 ) -> int:
     """Return the number of correct predictions with the given noise at each site.
 
@@ -44,6 +46,7 @@ def evaluate_noisy(
         levels: absolute noise levels per site index; clean sites may be left out.
         seed: the noise seed of this measurement.
         chunk_samples: samples per forward pass.
+        quantize: fake-quantization per site, applied after the noise.
     """
     noisy = {index: level for index, level in levels.items() if not level.is_clean}
     correct = 0
@@ -53,7 +56,7 @@ def evaluate_noisy(
             index: draw_noise(level, (x.shape[0], *model.sites[index].shape), seed, index, start)
             for index, level in noisy.items()
         }
-        correct += count_correct(model.run(x, arrays), data.y[start : start + chunk_samples])
+        correct += count_correct(model.run(x, arrays, quantize), data.y[start : start + chunk_samples])
     return correct
 
 

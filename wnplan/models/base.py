@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 
 from wnplan.errors import DataError
+from wnplan.quantize import Quantizer
 
 # Per-site (mul, add) arrays, each None when absent: the site's value becomes x · mul + add.
 NoiseArrays = Mapping[int, tuple[np.ndarray | None, np.ndarray | None]]
+# Per-site fake-quantization applied after the noise.
+Quantizers = Mapping[int, Quantizer]
 
 NORMALIZATION_OPS = frozenset(
     {
@@ -136,7 +139,7 @@ class Model(ABC):
         """Input shape with None for dynamic dimensions, batch dimension first."""
 
     @abstractmethod
-    def _run(self, x: np.ndarray, noise: NoiseArrays) -> np.ndarray: ...
+    def _run(self, x: np.ndarray, noise: NoiseArrays, quantize: Quantizers) -> np.ndarray: ...
 
     @abstractmethod
     def _activations(self, x: np.ndarray, indices: Sequence[int]) -> list[np.ndarray]: ...
@@ -148,11 +151,14 @@ class Model(ABC):
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "sha256": self.sha256, "format": self.format}
 
-    def run(self, x: np.ndarray, noise: NoiseArrays | None = None) -> np.ndarray:
-        """Return logits (N, K) for samples x with noise at the given sites."""
+    def run(
+        self, x: np.ndarray, noise: NoiseArrays | None = None, quantize: Quantizers | None = None
+    ) -> np.ndarray:
+        """Return logits (N, K) for samples x with noise, then fake-quantization, at sites."""
         noise = noise or {}
+        quantize = quantize or {}
         if not noise:
-            return _chunked(lambda batch: self._run(batch, {}), [x], self.fixed_batch)
+            return _chunked(lambda batch: self._run(batch, {}, quantize), [x], self.fixed_batch)
         order = sorted(noise)
         arrays = [x]
         for index in order:
@@ -164,7 +170,7 @@ class Model(ABC):
                 index: tuple(next(parts) if part is not None else None for part in noise[index])
                 for index in order
             }
-            return self._run(chunk[0], chunk_noise)
+            return self._run(chunk[0], chunk_noise, quantize)
 
         return _chunked(run_chunk, arrays, self.fixed_batch)
 

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from wnplan import runtime
 from wnplan.errors import ModelError
 from wnplan.models import onnx_graph
-from wnplan.models.base import DataDeclaration, Model, NoiseArrays, Site, Suffix
+from wnplan.models.base import DataDeclaration, Model, NoiseArrays, Quantizers, Site, Suffix
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +109,22 @@ class OnnxModel(Model):
             self._sessions[key] = session
         return session
 
-    def _run(self, x: np.ndarray, noise: NoiseArrays) -> np.ndarray:
-        order = sorted(noise)
-        parts = tuple((noise[index][0] is not None, noise[index][1] is not None) for index in order)
-        key = ("noise", *order, *parts)
+    def _run(self, x: np.ndarray, noise: NoiseArrays, quantize: Quantizers) -> np.ndarray:
+        order = sorted(set(noise) | set(quantize))
+        parts = tuple(
+            (noise[index][0] is not None, noise[index][1] is not None) if index in noise else (False, False)
+            for index in order
+        )
+        quantizers = tuple(quantize.get(index) for index in order)
+        key = ("noise", *order, *parts, *quantizers)
         names = [self._sites[index].name for index in order]
-        session = self._session(key, lambda: onnx_graph.insert_noise(self.proto, names, parts, self._types))
+        session = self._session(
+            key, lambda: onnx_graph.insert_noise(self.proto, names, parts, self._types, quantizers)
+        )
 
         feed = {self._input.name: x.astype(self._input_dtype, copy=False)}
         for position, index in enumerate(order):
-            mul, add = noise[index]
+            mul, add = noise.get(index, (None, None))
             if mul is not None:
                 feed[f"{onnx_graph.NOISE_INPUT_PREFIX}_mul_{position}"] = mul
             if add is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from wnplan.errors import ModelError
+from wnplan.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +156,21 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str], types: dict) -> o
 
 
 def insert_noise(
-    model: onnx.ModelProto, tensors: Sequence[str], parts: Sequence[tuple[bool, bool]], types: dict
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    parts: Sequence[tuple[bool, bool]],
+    types: dict,
+    quantizers: Sequence[Quantizer | None] | None = None,
 ) -> onnx.ModelProto:
-    """Return a copy with `x · mul + add` applied to each named tensor.
+    """Return a copy with `x · mul + add`, then optional fake-quantization, on each named tensor.
 
     For tensor k, `parts[k]` tells whether the Mul and the Add are present. Their operands are
     new graph inputs named `wnplan_noise_mul_k` and `wnplan_noise_add_k`, fed by the caller.
-    The inserted nodes follow the producer of each tensor, so the order stays topological.
+    `quantizers[k]`, if given, rounds the (noisy) value to its levels, as an ADC after an
+    analog computation would. The inserted nodes follow the producer of each tensor, so the
+    order stays topological.
     """
+    quantizers = quantizers or [None] * len(tensors)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
@@ -171,6 +180,9 @@ def insert_noise(
     renames: dict[str, str] = {}
     for position, (name, (has_mul, has_add)) in enumerate(zip(tensors, parts, strict=True)):
         nodes, noisy = _noise_nodes(graph, name, position, has_mul, has_add, types)
+        if quantizers[position] is not None:
+            quantize_nodes, noisy = _quantize_nodes(graph, noisy, position, quantizers[position], types, name)
+            nodes.extend(quantize_nodes)
         inserts.setdefault(producers.get(name, -1), []).extend(nodes)
         renames[name] = noisy
 
@@ -206,6 +218,39 @@ def _noise_nodes(
         nodes.append(
             helper.make_node(part.capitalize(), [current, operand], [result], name=f"wnplan_{part}_{position}")
         )
+        current = result
+    return nodes, current
+
+
+def _quantize_nodes(
+    graph: onnx.GraphProto, current: str, position: int, quantizer: Quantizer, types: dict, site: str
+) -> tuple[list[onnx.NodeProto], str]:
+    """Return nodes computing low + clip(round((x − low)/step), 0, levels − 1) · step."""
+    value_type = elem_type(types, site) or TensorProto.FLOAT
+    dtype = helper.tensor_dtype_to_np_dtype(value_type)
+    prefix = f"wnplan_quant_{position}"
+    constants = {
+        "low": quantizer.low,
+        "step": quantizer.step,
+        "zero": 0.0,
+        "top": float(quantizer.levels - 1),
+    }
+    for key, value in constants.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), f"{prefix}_{key}"))
+    steps = [
+        ("Sub", [current, f"{prefix}_low"]),
+        ("Div", [None, f"{prefix}_step"]),
+        ("Round", [None]),
+        ("Max", [None, f"{prefix}_zero"]),
+        ("Min", [None, f"{prefix}_top"]),
+        ("Mul", [None, f"{prefix}_step"]),
+        ("Add", [None, f"{prefix}_low"]),
+    ]
+    nodes = []
+    for number, (op, inputs) in enumerate(steps):
+        inputs = [current if name is None else name for name in inputs]
+        result = f"{site}__{prefix}_{number}"
+        nodes.append(helper.make_node(op, inputs, [result], name=f"{prefix}_{number}"))
         current = result
     return nodes, current
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ import torch
 from torch import fx
 
 from wnplan.errors import ModelError
-from wnplan.models.base import Model, NoiseArrays, Site, Suffix
+from wnplan.models.base import Model, NoiseArrays, Quantizers, Site, Suffix
+from wnplan.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def apply_site_noise(x: torch.Tensor, mul: torch.Tensor | None, add: torch.Tenso
     if add is not None:
         x = x + add
     return x
+
+
+def fake_quantize(x: torch.Tensor, low: float, step: float, top: float) -> torch.Tensor:
+    """Return low + clip(round((x − low)/step), 0, top) · step (the node after a quantized site)."""
+    return torch.clamp(torch.round((x - low) / step), 0.0, top) * step + low
 
 
 class TorchModel(Model):
@@ -145,10 +151,15 @@ class TorchModel(Model):
             self._modules[key] = module
         return module
 
-    def _run(self, x: np.ndarray, noise: NoiseArrays) -> np.ndarray:
+    def _run(self, x: np.ndarray, noise: NoiseArrays, quantize: Quantizers) -> np.ndarray:
         order = sorted(noise)
         noisy = [self._site_nodes[index] for index in order]
-        module = self._build(("run", *order), [self._input], [self._logits], noisy)
+        quantized = {self._site_nodes[index]: quantizer for index, quantizer in quantize.items()}
+        key = ("run", *order, *sorted(quantize.items()))
+        module = self._modules.get(key)
+        if module is None:
+            module = build_graph_module(self._module, [self._input], [self._logits], noisy, quantized)
+            self._modules[key] = module
         arguments = [torch.from_numpy(x)]
         for index in order:
             arguments.extend(_to_tensor(part) for part in noise[index])
@@ -205,12 +216,15 @@ def build_graph_module(
     inputs: Sequence[fx.Node],
     outputs: Sequence[fx.Node],
     noisy: Sequence[fx.Node] = (),
+    quantized: Mapping[fx.Node, Quantizer] | None = None,
 ) -> fx.GraphModule:
     """Return a GraphModule computing `outputs` from `inputs`, with noise after `noisy` nodes.
 
     The new module takes the inputs, then a (mul, add) pair per noisy node, and returns a
-    tuple of the outputs. It shares parameters with `source`.
+    tuple of the outputs. Nodes in `quantized` are fake-quantized after their noise. The
+    module shares parameters with `source`.
     """
+    quantized = quantized or {}
     needed = _ancestors(outputs, stop=set(inputs))
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -220,9 +234,16 @@ def build_graph_module(
         node: (graph.placeholder(f"noise_mul_{position}"), graph.placeholder(f"noise_add_{position}"))
         for position, node in enumerate(noisy)
     }
-    for node in inputs:
+    def transform(node: fx.Node) -> None:
         if node in noise_inputs:
             env[node] = graph.call_function(apply_site_noise, (env[node], *noise_inputs[node]))
+        if node in quantized:
+            quantizer = quantized[node]
+            arguments = (env[node], quantizer.low, quantizer.step, quantizer.levels - 1)
+            env[node] = graph.call_function(fake_quantize, arguments)
+
+    for node in inputs:
+        transform(node)
 
     for node in source.graph.nodes:
         if node in env or node not in needed:
@@ -230,8 +251,7 @@ def build_graph_module(
         if node.op == "placeholder":
             raise ModelError(f"internal error: graph input {node.name} is needed but not provided")
         env[node] = graph.node_copy(node, lambda arg: env[arg])
-        if node in noise_inputs:
-            env[node] = graph.call_function(apply_site_noise, (env[node], *noise_inputs[node]))
+        transform(node)
 
     graph.output(tuple(env[node] for node in outputs))
     graph.lint()

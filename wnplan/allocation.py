@@ -1,0 +1,113 @@
+"""Integer allocation rules: how a budget of executions is split over sites.
+
+All rules keep the sum exactly at the budget and every count within [minimum, maximum].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from wnplan.errors import SettingsError
+
+
+def check_bounds(sites: int, budget: int, minimum: int, maximum: int) -> None:
+    """Raise SettingsError unless `budget` can be split over `sites` within the bounds."""
+    if minimum < 0 or maximum < minimum:
+        raise SettingsError(
+            f"invalid execution bounds: --min-executions {minimum} and --max-executions {maximum}; "
+            "expected 0 ≤ min ≤ max"
+        )
+    if sites * minimum > budget:
+        raise SettingsError(
+            f"--budget {budget} is smaller than {minimum} execution(s) for each of the {sites} "
+            f"unshielded sites; pass --budget {sites * minimum} or more"
+        )
+    if sites * maximum < budget:
+        raise SettingsError(
+            f"--budget {budget} exceeds --max-executions {maximum} for each of the {sites} "
+            f"unshielded sites; raise --max-executions to at least {-(-budget // sites)}"
+        )
+
+
+def uniform_counts(sites: int, budget: int) -> list[int]:
+    """Spread `budget` over `sites` as evenly as possible, extras to the first sites."""
+    base, extra = divmod(budget, sites)
+    return [base + (1 if position < extra else 0) for position in range(sites)]
+
+
+def proportional_counts(
+    weights: Sequence[float], budget: int, minimum: int = 1, maximum: int | None = None
+) -> list[int]:
+    """Round `budget · w_i / Σw` to integers that sum to `budget`, within [minimum, maximum].
+
+    Sites whose share falls outside the bounds are fixed at the bound, and the rest of the
+    budget is shared again among the others, until every share is within bounds. The
+    remaining fractions are then rounded by largest remainder (ties go to the earlier site).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    count = len(weights)
+    maximum = budget if maximum is None else maximum
+    check_bounds(count, budget, minimum, maximum)
+    if np.any(~np.isfinite(weights)) or np.any(weights <= 0):
+        raise SettingsError("allocation weights must be positive and finite")
+
+    low = np.zeros(count, dtype=bool)
+    high = np.zeros(count, dtype=bool)
+    shares = np.zeros(count)
+    while True:
+        free = ~(low | high)
+        free_budget = budget - minimum * int(low.sum()) - maximum * int(high.sum())
+        shares[free] = free_budget * weights[free] / weights[free].sum() if free.any() else 0.0
+        below = free & (shares < minimum)
+        above = free & (shares > maximum)
+        if not below.any() and not above.any():
+            break
+        # Fix the side that is further out first, so the shares of the rest stay feasible.
+        if below.any():
+            low |= below
+        else:
+            high |= above
+    shares[low] = minimum
+    shares[high] = maximum
+
+    counts = np.floor(shares + 1e-9).astype(int)
+    remainders = shares - counts
+    order = sorted(range(count), key=lambda i: (-remainders[i], i))
+    for position in order[: budget - int(counts.sum())]:
+        counts[position] += 1
+    return [int(value) for value in counts]
+
+
+def optimal_counts(losses: Sequence[Sequence[float]], budget: int, minimum: int, maximum: int) -> list[int]:
+    """Return counts that minimise Σ losses[i][n_i − minimum] with Σ n_i = budget.
+
+    `losses[i][k]` is site i's predicted loss with `minimum + k` executions, for k up to
+    `maximum − minimum`. Dynamic programming over sites and spent budget gives the exact
+    optimum of this separable objective, whatever the shape of each loss curve. Ties go to
+    the allocation that gives more executions to earlier sites.
+    """
+    sites = len(losses)
+    check_bounds(sites, budget, minimum, maximum)
+    spare = budget - sites * minimum
+    table = np.full((sites + 1, spare + 1), np.inf)
+    choice = np.zeros((sites + 1, spare + 1), dtype=int)
+    table[sites, 0] = 0.0
+    for site in range(sites - 1, -1, -1):
+        options = min(maximum - minimum, spare)
+        for left in range(spare + 1):
+            best, best_extra = np.inf, 0
+            for extra in range(min(options, left), -1, -1):
+                value = losses[site][extra] + table[site + 1, left - extra]
+                if value < best - 1e-12:
+                    best, best_extra = value, extra
+            table[site, left] = best
+            choice[site, left] = best_extra
+
+    counts, left = [], spare
+    for site in range(sites):
+        extra = int(choice[site, left])
+        counts.append(minimum + extra)
+        left -= extra
+    return counts
