@@ -69,6 +69,7 @@ NOISE_KEYS = {
 }
 COST_KEYS = {"execution": True, "shielded": True}
 BITS_KEYS = {"widths": True}
+TABLES = ("noise", "cost", "bits")
 
 # What each free-text field should say, for the message when it is empty.
 TEXT_HINTS = {
@@ -83,7 +84,7 @@ class Accelerator:
     """A noisy analog accelerator, as described by an accelerator profile.
 
     Attributes:
-        name: the profile's name; for a shipped profile, its file name without `.toml`.
+        name: the profile's name. A shipped profile's name is its file name without `.toml`.
         description: what the profile models.
         source: where its numbers come from.
         kind: noise kind, "additive", "multiplicative" or "mixed".
@@ -154,12 +155,7 @@ class Accelerator:
         Raises:
             SettingsError: `scale` is negative or not finite, or `executions` is below 1.
         """
-        if (
-            not isinstance(scale, int | float)
-            or isinstance(scale, bool)
-            or not math.isfinite(scale)
-            or scale < 0
-        ):
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
             raise SettingsError(
                 f"invalid site scale {scale!r}: expected a finite number ≥ 0 "
                 + "(the site's RMS or range, or 1 for an absolute reference)"
@@ -211,9 +207,7 @@ class Accelerator:
         except KeyError as error:
             raise FileFormatError(f"accelerator record: missing field {error.args[0]!r}") from None
         path = record.get("path") or ""
-        return _parse(
-            document, where="accelerator record", path=path, shipped=bool(record.get("shipped"))
-        )
+        return _parse(document, where="accelerator record", path=path, shipped=bool(record.get("shipped")))
 
 
 def list_accelerators() -> list[Accelerator]:
@@ -239,7 +233,7 @@ def load_accelerator(name_or_path: str | Path) -> Accelerator:
     """Load an accelerator profile by shipped name or from a TOML file.
 
     A value is read as a path when it ends in `.toml`, contains a path separator, or names an
-    existing file; otherwise it is the name of a shipped profile.
+    existing file. Otherwise it is the name of a shipped profile.
 
     Raises:
         SettingsError: the value is not a path and no shipped profile has that name.
@@ -275,9 +269,7 @@ def load_accelerator_file(path: str | Path) -> Accelerator:
     try:
         content = path.read_bytes()
     except OSError as error:
-        raise FileFormatError(
-            f"{path}: cannot read the accelerator profile: {error.strerror}"
-        ) from None
+        raise FileFormatError(f"{path}: cannot read the accelerator profile: {error.strerror}") from None
     return _parse_toml(content, str(path), shipped=False)
 
 
@@ -294,13 +286,11 @@ def _load_shipped(name: str) -> Accelerator:
 
 
 def _parse_toml(content: bytes, path: str, shipped: bool) -> Accelerator:
-    """Decode a profile file and parse it; `path` names the file in error messages."""
+    """Decode a profile file and parse it. `path` names the file in error messages."""
     try:
         document = tomllib.loads(content.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise FileFormatError(
-            f"{path}: not UTF-8 text (byte {error.start}); save the profile as UTF-8"
-        ) from None
+        raise FileFormatError(f"{path}: not UTF-8 text (byte {error.start}); save the profile as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         # tomllib's message ends with "(at line L, column C)".
         message = " ".join(str(error).split())
@@ -338,9 +328,7 @@ def _parse(document: Mapping[str, Any], where: str, path: str, shipped: bool) ->
         raise FileFormatError(f"{where}: {error}") from None
 
 
-def _check_keys(
-    table: Mapping[str, Any], keys: Mapping[str, bool], prefix: str, where: str
-) -> None:
+def _check_keys(table: Mapping[str, Any], keys: Mapping[str, bool], prefix: str, where: str) -> None:
     """Reject unknown keys (usually typos) and missing required ones."""
     section = f"the [{prefix.rstrip('.')}] table" if prefix else "the top level"
     for key in table:
@@ -351,17 +339,15 @@ def _check_keys(
             )
     for key, required in keys.items():
         if required and key not in table:
-            raise FileFormatError(f"{where}: missing field {prefix + key!r}; add it to {section}")
+            fix = f"add a [{key}] table" if key in TABLES else f"add it to {section}"
+            raise FileFormatError(f"{where}: missing field {prefix + key!r}; {fix}")
 
 
-def _table(
-    document: Mapping[str, Any], name: str, keys: Mapping[str, bool], where: str
-) -> Mapping[str, Any]:
+def _table(document: Mapping[str, Any], name: str, keys: Mapping[str, bool], where: str) -> Mapping[str, Any]:
     table = document[name]
     if not isinstance(table, dict):
         raise FileFormatError(
-            f"{where}: field {name!r} must be a table (a [{name}] section), "
-            + f"got {_type_name(table)} {table!r}"
+            f"{where}: field {name!r} must be a table (a [{name}] section), got {_type_name(table)} {table!r}"
         )
     _check_keys(table, keys, f"{name}.", where)
     return table
@@ -370,34 +356,25 @@ def _table(
 def _string(table: Mapping[str, Any], field: str, where: str) -> str:
     value = table[field.rpartition(".")[2]]
     if not isinstance(value, str):
-        raise FileFormatError(
-            f"{where}: field {field!r} must be a string, got {_type_name(value)} {value!r}"
-        )
+        raise FileFormatError(f"{where}: field {field!r} must be a string, got {_type_name(value)} {value!r}")
     return value
 
 
-def _number(
-    table: Mapping[str, Any], field: str, where: str, default: float | None = None
-) -> float:
+def _number(table: Mapping[str, Any], field: str, where: str, default: float | None = None) -> float:
     key = field.rpartition(".")[2]
     if key not in table and default is not None:
         return default
     value = table[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FileFormatError(
-            f"{where}: field {field!r} must be a number, got {_type_name(value)} {value!r}"
-        )
+        raise FileFormatError(f"{where}: field {field!r} must be a number, got {_type_name(value)} {value!r}")
     return float(value)
 
 
 def _integers(table: Mapping[str, Any], field: str, where: str) -> tuple[int, ...]:
     value = table[field.rpartition(".")[2]]
-    if not isinstance(value, list) or any(
-        isinstance(item, bool) or not isinstance(item, int) for item in value
-    ):
+    if not isinstance(value, list) or any(isinstance(item, bool) or not isinstance(item, int) for item in value):
         raise FileFormatError(
-            f"{where}: field {field!r} must be an array of integers, "
-            + f"got {_type_name(value)} {value!r}"
+            f"{where}: field {field!r} must be an array of integers, got {_type_name(value)} {value!r}"
         )
     return tuple(value)
 
@@ -417,7 +394,7 @@ def _type_name(value: Any) -> str:
 def _check_text(accelerator: Accelerator) -> None:
     for field in ("name", "description", "source"):
         if not getattr(accelerator, field).strip():
-            raise SettingsError(f"field {field!r} is empty; say {TEXT_HINTS[field]}")
+            raise SettingsError(f"field {field!r} is empty: write {TEXT_HINTS[field]}")
 
 
 def _check_noise(accelerator: Accelerator) -> None:
@@ -435,13 +412,9 @@ def _check_noise(accelerator: Accelerator) -> None:
 
     kind = accelerator.kind
     if kind in ("additive", "mixed") and accelerator.sigma_add == 0:
-        raise SettingsError(
-            f"field 'noise.sigma_add' is 0 but noise.kind is {kind!r}: set sigma_add > 0"
-        )
+        raise SettingsError(f"field 'noise.sigma_add' is 0 but noise.kind is {kind!r}: set sigma_add > 0")
     if kind in ("multiplicative", "mixed") and accelerator.sigma_mul == 0:
-        raise SettingsError(
-            f"field 'noise.sigma_mul' is 0 but noise.kind is {kind!r}: set sigma_mul > 0"
-        )
+        raise SettingsError(f"field 'noise.sigma_mul' is 0 but noise.kind is {kind!r}: set sigma_mul > 0")
     if kind == "additive" and accelerator.sigma_mul != 0:
         raise SettingsError(
             f"field 'noise.sigma_mul' is {accelerator.sigma_mul!r} but noise.kind is 'additive': "
@@ -455,8 +428,7 @@ def _check_noise(accelerator: Accelerator) -> None:
         )
     if kind == "mixed" and accelerator.order is None:
         raise SettingsError(
-            "field 'noise.order' is missing but noise.kind is 'mixed': "
-            + f"set it to one of {', '.join(NOISE_ORDERS)}"
+            f"field 'noise.order' is missing but noise.kind is 'mixed': set it to one of {', '.join(NOISE_ORDERS)}"
         )
 
 
@@ -476,14 +448,10 @@ def _check_costs(accelerator: Accelerator) -> None:
 
 def _check_bit_widths(widths: tuple[int, ...]) -> None:
     if not widths:
-        raise SettingsError(
-            "field 'bits.widths' is empty: list at least one bit width, for example [4, 8]"
-        )
+        raise SettingsError("field 'bits.widths' is empty: list at least one bit width, for example [4, 8]")
     for width in widths:
         if not 1 <= width <= MAX_BIT_WIDTH:
-            raise SettingsError(
-                f"field 'bits.widths' contains {width}: expected widths from 1 to {MAX_BIT_WIDTH}"
-            )
+            raise SettingsError(f"field 'bits.widths' contains {width}: expected widths from 1 to {MAX_BIT_WIDTH}")
     if any(later <= earlier for earlier, later in itertools.pairwise(widths)):
         raise SettingsError(
             f"field 'bits.widths' is {list(widths)}: expected unique widths in ascending order, "

@@ -125,13 +125,15 @@ def profile(
     store: Annotated[Path, typer.Option(help="SQLite store of finished trials, for resuming.")] = DEFAULT_STORE,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and measure again.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")] = False,
-    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch. Default: the libraries' own.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch. Default: the libraries' own; 1 per worker with --workers.")] = None,
+    workers: Annotated[int, typer.Option(help="Run trials in N local worker processes (0: in this process).")] = 0,
+    ray: Annotated[str | None, typer.Option(help="Run trials on a Ray cluster: auto (join a running one), local (start one on 127.0.0.1), or HOST:PORT.")] = None,
     factory: FactoryOption = None,
     trust: TrustOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Measure how much noise each site (and the whole model) tolerates; write a profile."""
-    from wnplan.profiler import ProfileSettings, count_trials, load_model_and_data
+    from wnplan.profiler import Execution, ProfileSettings, count_trials, load_model_and_data
     from wnplan.profiler import profile as run_profile
 
     _set_threads(threads)
@@ -152,6 +154,7 @@ def profile(
         record = run_profile(
             model, data, settings, normalize=normalize, limit=limit, factory=factory, trust=trust,
             store=store, fresh=fresh, progress=advance,
+            execution=Execution(workers=workers, ray=ray, factory=factory, trust=trust),
         )
     records.write_record(record, "profile", out)
     if as_json:

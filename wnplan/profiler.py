@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from wnplan import records
+from wnplan import records, runtime
 from wnplan._version import __version__
 from wnplan.calibrate import reference_scales, site_statistics
 from wnplan.data import Dataset, load_data, parse_normalize
 from wnplan.errors import DataError, ModelError, SettingsError
 from wnplan.evaluate import InferenceEvaluator
+from wnplan.executors import EvaluationJob, Executor, InProcessExecutor, ProcessPoolExecutor
 from wnplan.fit import fit_curve
 from wnplan.models import Model, load_model, read_declaration
 from wnplan.noise import NoiseSpec
@@ -174,6 +175,7 @@ def profile(
     store: str | Path | None = DEFAULT_STORE,
     fresh: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    execution: Execution | None = None,
 ) -> dict[str, Any]:
     """Measure per-site (walking) and global noise sensitivity and return the profile record.
 
@@ -189,6 +191,7 @@ def profile(
         store: the SQLite result store; None keeps results in memory only.
         fresh: ignore stored results (and overwrite them).
         progress: called with (finished trials, planned trials).
+        execution: where trials run (in this process by default, or worker processes, or Ray).
 
     Returns:
         The profile as a JSON-ready dict, valid under the profile schema.
@@ -203,7 +206,8 @@ def profile(
     walking, global_curve = build_curves(loaded, settings, a_max, a_min)
     curves = walking + ([global_curve] if global_curve else [])
 
-    counts = _measure(loaded, dataset, settings, statistics, curves, store, fresh, progress)
+    execution = execution or Execution(factory=factory, trust=trust)
+    counts = _measure(model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution)
     record = _profile_record(
         loaded, dataset, settings, statistics, correct, classes, walking, global_curve
     )
@@ -215,18 +219,52 @@ def profile(
     return record
 
 
-def _measure(loaded, dataset, settings, statistics, curves, store, fresh, progress) -> dict[str, int]:
+def _measure(model_path, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution) -> dict[str, int]:
     scales = reference_scales(statistics, settings.noise.reference)
     opened = Store(store) if store is not None else None
     try:
         context = SweepContext(
             loaded.sha256, dataset.sha256, settings.noise.to_dict(), settings.mode, settings.seed, opened, fresh
         )
-        evaluator = InferenceEvaluator(loaded, dataset, settings.noise, scales, context.noise_seed)
-        return run_sweep(curves, settings.repeats, context, evaluator.run_group, progress)
+        job = EvaluationJob(
+            str(model_path), execution.factory, execution.trust, dataset, settings.noise, scales,
+            {"noise": context.noise, "mode": context.mode, "seed": context.seed}, runtime.threads(),
+        )
+        with make_executor(job, execution, loaded) as executor:
+            return run_sweep(curves, settings.repeats, context, executor, progress)
     finally:
         if opened is not None:
             opened.close()
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how trials run.
+
+    Attributes:
+        workers: local worker processes; 0 runs trials in this process.
+        ray: a Ray cluster address ("auto", "local", or host:port), or None.
+        factory, trust: how workers load the model (see `load_model`).
+    """
+
+    workers: int = 0
+    ray: str | None = None
+    factory: str | None = None
+    trust: bool = False
+
+
+def make_executor(job: EvaluationJob, execution: Execution, loaded: Model) -> Executor:
+    """Return the executor for the execution settings; in-process reuses the loaded model."""
+    if execution.ray is not None and execution.workers:
+        raise SettingsError("--workers and --ray exclude each other; pick one executor")
+    if execution.ray is not None:
+        from wnplan.ray_executor import RayExecutor
+
+        return RayExecutor(job, execution.ray)
+    if execution.workers:
+        return ProcessPoolExecutor(job, execution.workers)
+    evaluator = InferenceEvaluator(loaded, job.data, job.noise, job.scales, job.noise_seed)
+    return InProcessExecutor(evaluator.run_group)
 
 
 def _profile_record(

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wnplan.fit import CurvePoint
 from wnplan.noise import derive_seed
 from wnplan.store import Store, TrialResult, trial_key
+
+if TYPE_CHECKING:
+    from wnplan.executors import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +180,6 @@ def _new(candidates: Iterable[float], tried: set[float], reason: str) -> dict[fl
     return {sigma: reason for sigma in sorted(rounded) if sigma not in tried and SIGMA_MIN <= sigma <= SIGMA_MAX}
 
 
-# Evaluates trials of one scope and yields one result per trial, in order, as each finishes.
-GroupRunner = Callable[[Sequence[Trial]], Iterator[TrialResult]]
-
-
 @dataclass
 class SweepContext:
     """What identifies a sweep's trials in the store."""
@@ -195,7 +193,7 @@ class SweepContext:
     fresh: bool = False
 
     def key(self, trial: Trial) -> str:
-        return trial_key(self.model_sha256, self.data_sha256, trial.identity(self.noise, self.mode, self.seed))
+        return trial_key(self.model_sha256, self.data_sha256, self.identity(trial))
 
     def identity(self, trial: Trial) -> dict[str, Any]:
         return trial.identity(self.noise, self.mode, self.seed)
@@ -204,68 +202,94 @@ class SweepContext:
         return derive_seed(self.seed, self.identity(trial))
 
 
+@dataclass
+class _Chunk:
+    curve: int
+    trials: list[Trial]
+    keys: list[str]
+    missing: set[int]
+    results: dict[int, TrialResult]
+
+
 def run_sweep(
     curves: Sequence[Curve],
     repeats: int,
     context: SweepContext,
-    run_group: GroupRunner,
+    executor: Executor,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     """Measure every curve until its grid is complete; return trial counts.
 
-    Results are read from and written to the store as they finish. `progress(done, total)`
-    is called as trials finish; the total grows when the adaptive grid adds points.
+    Each round of a curve is one chunk. Trials found in the store are reused; the others go
+    to the executor, and each result is committed to the store as soon as it arrives, so a
+    killed run keeps every finished trial. `progress(done, total)` is called as trials
+    finish; the total grows when the adaptive grid adds points.
     """
     counts = {"total": 0, "computed": 0, "reused": 0}
-    # Curves are finished one at a time, so an evaluator can keep one site's clean values
-    # cached across all rounds of that site's grid.
-    for curve in curves:
-        for round_number in range(MAX_ROUNDS):
+    chunks: dict[int, _Chunk] = {}
+    rounds = dict.fromkeys(range(len(curves)), 0)
+
+    def report() -> None:
+        if progress:
+            progress(counts["computed"] + counts["reused"], counts["total"])
+
+    def schedule(position: int) -> None:
+        # Rounds whose trials are all stored complete at once, so loop until work is queued.
+        while rounds[position] < MAX_ROUNDS:
+            curve = curves[position]
             new = curve.propose()
             if not new:
-                break
-            logger.debug("%s %s round %d: %d new σ values", curve.scope, curve.site_names[:1], round_number + 1, len(new))
+                return
+            rounds[position] += 1
             curve.reasons.update(new)
             trials = [
-                Trial(curve.scope, curve.sites, curve.site_names, sigma, repeat)
-                for sigma in new
-                for repeat in range(repeats)
+                Trial(curve.scope, curve.sites, curve.site_names, sigma, repeat) for sigma in new for repeat in range(repeats)
             ]
+            chunk = _lookup(position, trials, context)
             counts["total"] += len(trials)
-            results = _run_group(trials, context, run_group, counts, progress)
-            for trial, result in zip(trials, results, strict=True):
-                curve.results.setdefault(trial.sigma, []).append(result)
+            counts["reused"] += len(trials) - len(chunk.missing)
+            report()
+            if chunk.missing:
+                ticket = len(chunks)
+                chunks[ticket] = chunk
+                executor.submit(ticket, [trials[index] for index in sorted(chunk.missing)], priority=position)
+                return
+            _finish(curve, chunk)
+
+    for position in range(len(curves)):
+        schedule(position)
+
+    outstanding = {ticket for ticket, chunk in chunks.items() if chunk.missing}
+    while outstanding:
+        ticket, offset, result = executor.next_result()
+        chunk = chunks[ticket]
+        index = sorted(chunk.missing)[offset]
+        chunk.results[index] = result
+        if context.store is not None:
+            trial = chunk.trials[index]
+            context.store.put(
+                chunk.keys[index], context.model_sha256, context.data_sha256, context.identity(trial), result,
+                replace=context.fresh,
+            )
+        counts["computed"] += 1
+        report()
+        if len(chunk.results) == len(chunk.trials):
+            outstanding.discard(ticket)
+            _finish(curves[chunk.curve], chunk)
+            schedule(chunk.curve)
+            outstanding |= {number for number, other in chunks.items() if len(other.results) < len(other.trials)}
     return counts
 
 
-def _run_group(
-    trials: Sequence[Trial],
-    context: SweepContext,
-    run_group: GroupRunner,
-    counts: dict[str, int],
-    progress: Callable[[int, int], None] | None,
-) -> list[TrialResult]:
+def _lookup(position: int, trials: list[Trial], context: SweepContext) -> _Chunk:
     keys = [context.key(trial) for trial in trials]
     use_store = context.store is not None and not context.fresh
     stored = context.store.get_many(keys) if use_store else {}
-    missing = [position for position, key in enumerate(keys) if key not in stored]
-    counts["reused"] += len(trials) - len(missing)
-    if progress:
-        progress(counts["computed"] + counts["reused"], counts["total"])
+    results = {index: stored[key] for index, key in enumerate(keys) if key in stored}
+    missing = {index for index in range(len(trials)) if index not in results}
+    return _Chunk(position, trials, keys, missing, results)
 
-    if missing:
-        started = time.perf_counter()
-        computed = run_group([trials[position] for position in missing])
-        # Each result is committed as soon as it is yielded, so a killed run keeps it.
-        for position, result in zip(missing, computed, strict=True):
-            stored[keys[position]] = result
-            if context.store is not None:
-                context.store.put(
-                    keys[position], context.model_sha256, context.data_sha256,
-                    context.identity(trials[position]), result, replace=context.fresh,
-                )
-            counts["computed"] += 1
-            if progress:
-                progress(counts["computed"] + counts["reused"], counts["total"])
-        logger.debug("%d trials in %.2f s", len(missing), time.perf_counter() - started)
-    return [stored[key] for key in keys]
+
+def _finish(curve: Curve, chunk: _Chunk) -> None:
+    for index, trial in enumerate(chunk.trials):
+        curve.results.setdefault(trial.sigma, []).append(chunk.results[index])
