@@ -118,6 +118,7 @@ def profile(
     relative: Annotated[str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")] = None,
     fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "linear",
     global_include_norm: Annotated[bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")] = False,
+    grid: Annotated[bool, typer.Option("--grid", help="With --noise mixed and --sites: map accuracy over σ_mul × σ_add (log grids, both orders) instead of curves.")] = False,
     normalize: Annotated[str | None, typer.Option(help="MEAN,STD applied after scaling images to [0, 1]. Default: the model's declaration.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each trial's noise derives from it and the trial's identity.")] = 0,
@@ -141,6 +142,7 @@ def profile(
     settings = ProfileSettings(
         noise=spec, scope=scope, sites=sites_selection, mode=mode, repeats=repeats,
         sigmas=_parse_sigmas(sigmas), seed=seed, fit_space=fit_space, global_include_norm=global_include_norm,
+        maps=grid,
     )
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
@@ -185,7 +187,20 @@ def _print_profile(record: dict) -> None:
         table.add_row(str(site["index"]), site["name"], site["op"], *_fit_cells(site["walking"]["fit"]))
     if record["global"] is not None:
         table.add_row("all", "global", "", *_fit_cells(record["global"]["fit"]))
-    stdout.print(table)
+    if table.row_count:
+        stdout.print(table)
+    for grid in record.get("maps", []):
+        stdout.print(_map_table(grid))
+
+
+def _map_table(grid: dict) -> Table:
+    table = Table(title=f"mixed noise at site {grid['site']} ({grid['name']}), {grid['order']}: accuracy, rows σ_mul, columns σ_add")
+    table.add_column("σ_mul \\ σ_add", justify="right")
+    for add in grid["sigma_add"]:
+        table.add_column(f"{add:g}", justify="right")
+    for mul, row in zip(grid["sigma_mul"], grid["accuracy"], strict=True):
+        table.add_row(f"{mul:g}", *(f"{value:.2f}" for value in row))
+    return table
 
 
 def _fit_cells(fit: dict) -> tuple[str, str, str]:

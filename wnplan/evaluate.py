@@ -60,6 +60,14 @@ def evaluate_noisy(
     return correct
 
 
+def trial_noise(spec: NoiseSpec, trial: Trial, scale: float) -> SiteNoise:
+    """Return a trial's absolute noise at a site: from its σ, or from its (σ_mul, σ_add) pair."""
+    if trial.sigma_pair is None:
+        return site_noise(spec, trial.sigma, scale)
+    sigma_mul, sigma_add = trial.sigma_pair
+    return SiteNoise(sigma_add * scale, sigma_mul, trial.order == "add-first")
+
+
 class InferenceEvaluator:
     """Runs inference-only trials of one model and data set.
 
@@ -91,7 +99,7 @@ class InferenceEvaluator:
         self._cache: dict[int, list[np.ndarray]] = {}
 
     def levels(self, trial: Trial) -> dict[int, SiteNoise]:
-        return {index: site_noise(self.noise, trial.sigma, self.scales.get(index, 1.0)) for index in trial.sites}
+        return {index: trial_noise(self.noise, trial, self.scales.get(index, 1.0)) for index in trial.sites}
 
     def run_group(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
         """Yield one result per trial, in order; walking trials must share their site."""
@@ -116,7 +124,7 @@ class InferenceEvaluator:
 
         for trial in trials:
             started = time.perf_counter()
-            level = site_noise(self.noise, trial.sigma, self.scales.get(site, 1.0))
+            level = trial_noise(self.noise, trial, self.scales.get(site, 1.0))
             seed = self.seed_of(trial)
             correct = 0
             for start in starts:

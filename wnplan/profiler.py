@@ -26,7 +26,7 @@ from wnplan.models import Model, load_model, read_declaration
 from wnplan.noise import NoiseSpec
 from wnplan.sites import select_sites
 from wnplan.store import DEFAULT_STORE, Store
-from wnplan.sweep import Curve, SweepContext, round_sigma, run_sweep
+from wnplan.sweep import Curve, GridCurve, SweepContext, round_sigma, run_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ProfileSettings:
         seed: base seed; every trial's noise seed derives from it and the trial's identity.
         fit_space: fit the logistic in σ ("linear") or in log10 σ ("log").
         global_include_norm: also put global noise on normalization sites.
+        maps: instead of curves, measure mixed-noise maps (σ_mul × σ_add, both orders) at the
+            selected sites; needs mixed noise and a site selection.
     """
 
     noise: NoiseSpec = field(default_factory=NoiseSpec)
@@ -60,11 +62,16 @@ class ProfileSettings:
     seed: int = 0
     fit_space: str = "linear"
     global_include_norm: bool = False
+    maps: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("--scope", self.scope, SCOPES)
         _check_choice("--mode", self.mode, MODES)
         _check_choice("--fit-space", self.fit_space, FIT_SPACES)
+        if self.maps and self.noise.kind != "mixed":
+            raise SettingsError("--grid maps mixed noise: pass --noise mixed with --grid")
+        if self.maps and not self.sites:
+            raise SettingsError("--grid needs --sites: each map costs a full σ_mul × σ_add grid per site")
         if self.repeats < 1:
             raise SettingsError(f"invalid --repeats {self.repeats}: expected at least 1")
         if self.sigmas is not None:
@@ -158,6 +165,19 @@ def build_curves(
     return walking, global_curve
 
 
+MAP_SIGMAS = tuple(round_sigma(10.0 ** (k / 2)) for k in range(-4, 5))  # 0.01 … 100, two per decade
+
+
+def build_maps(model: Model, settings: ProfileSettings) -> list[GridCurve]:
+    """Return one mixed-noise map per selected site and noise order."""
+    axis = tuple(sorted({round_sigma(sigma) for sigma in settings.sigmas})) if settings.sigmas else MAP_SIGMAS
+    maps = []
+    for index in select_sites(model.sites, settings.sites):
+        for order in ("mul-first", "add-first"):
+            maps.append(GridCurve((index,), (model.sites[index].name,), order, axis, axis))
+    return maps
+
+
 def global_sites(model: Model, include_norm: bool) -> list[int]:
     """Return the sites that global noise covers: all, or all but normalization sites."""
     return [site.index for site in model.sites if include_norm or not site.is_normalization]
@@ -203,14 +223,18 @@ def profile(
     correct, classes = clean_accuracy(loaded, dataset)
     a_max, a_min = correct / len(dataset), 1.0 / classes
     statistics = site_statistics(loaded, dataset)
-    walking, global_curve = build_curves(loaded, settings, a_max, a_min)
-    curves = walking + ([global_curve] if global_curve else [])
+    if settings.maps:
+        walking, global_curve, maps = [], None, build_maps(loaded, settings)
+    else:
+        walking, global_curve = build_curves(loaded, settings, a_max, a_min)
+        maps = []
+    curves = walking + ([global_curve] if global_curve else []) + maps
 
     execution = execution or Execution(factory=factory, trust=trust)
     counts = _measure(model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution)
-    record = _profile_record(
-        loaded, dataset, settings, statistics, correct, classes, walking, global_curve
-    )
+    record = _profile_record(loaded, dataset, settings, statistics, correct, classes, walking, global_curve)
+    if maps:
+        record["maps"] = [grid.record() | {"mode": settings.mode} for grid in maps]
     logger.info(
         "profile done: %d trials (%d computed, %d from the store) in %.1f s",
         counts["total"], counts["computed"], counts["reused"], time.perf_counter() - started,
@@ -311,6 +335,7 @@ def _profile_record(
             "sigmas": list(settings.sigmas) if settings.sigmas else None,
             "site_selection": settings.sites,
             "global_include_norm": settings.global_include_norm,
+            "maps": settings.maps,
         },
         "classes": classes,
         "chance": 1.0 / classes,
@@ -331,6 +356,9 @@ def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
     With a given σ grid the count is exact; with the adaptive grid it is the first round
     plus a typical refinement (an estimate).
     """
+    if settings.maps:
+        maps = build_maps(model, settings)
+        return len(maps) * len(maps[0].sigmas_mul) * len(maps[0].sigmas_add) * settings.repeats, True
     walking, global_curve = build_curves(model, settings, 1.0, 0.0)
     curves = len(walking) + (1 if global_curve else 0)
     if settings.sigmas:

@@ -47,6 +47,8 @@ class Trial:
         site_names: their names, which enter the identity so it survives re-indexing.
         sigma: σ in the profile's reference (absolute, or relative to each site's statistic).
         repeat: repeat number, 0-based; each repeat draws independent noise.
+        sigma_pair: for mixed-noise maps, (σ_mul, σ_add) in place of `sigma`.
+        order: for mixed-noise maps, "mul-first" or "add-first".
     """
 
     scope: str
@@ -54,9 +56,11 @@ class Trial:
     site_names: tuple[str, ...]
     sigma: float
     repeat: int
+    sigma_pair: tuple[float, float] | None = None
+    order: str | None = None
 
     def identity(self, noise: dict[str, Any], mode: str, seed: int) -> dict[str, Any]:
-        return {
+        identity = {
             "scope": self.scope,
             "sites": list(self.site_names),
             "noise": noise,
@@ -65,6 +69,10 @@ class Trial:
             "mode": mode,
             "seed": seed,
         }
+        if self.sigma_pair is not None:
+            identity["sigma_pair"] = list(self.sigma_pair)
+            identity["order"] = self.order
+        return identity
 
 
 @dataclass
@@ -98,6 +106,9 @@ class Curve:
         if not self.reasons:
             return {10.0**k: "coarse" for k in COARSE_DECADES}
         return _next_sigmas(self.mean_accuracies(), self.a_max, self.a_min, set(self.reasons))
+
+    def make_trial(self, sigma: float, repeat: int) -> Trial:
+        return Trial(self.scope, self.sites, self.site_names, sigma, repeat)
 
     def mean_accuracies(self) -> dict[float, float]:
         return {
@@ -242,9 +253,7 @@ def run_sweep(
                 return
             rounds[position] += 1
             curve.reasons.update(new)
-            trials = [
-                Trial(curve.scope, curve.sites, curve.site_names, sigma, repeat) for sigma in new for repeat in range(repeats)
-            ]
+            trials = [curve.make_trial(key, repeat) for key in new for repeat in range(repeats)]
             chunk = _lookup(position, trials, context)
             counts["total"] += len(trials)
             counts["reused"] += len(trials) - len(chunk.missing)
@@ -292,4 +301,58 @@ def _lookup(position: int, trials: list[Trial], context: SweepContext) -> _Chunk
 
 def _finish(curve: Curve, chunk: _Chunk) -> None:
     for index, trial in enumerate(chunk.trials):
-        curve.results.setdefault(trial.sigma, []).append(chunk.results[index])
+        key = trial.sigma_pair if trial.sigma_pair is not None else trial.sigma
+        curve.results.setdefault(key, []).append(chunk.results[index])
+
+
+@dataclass
+class GridCurve:
+    """A mixed-noise map of one site: accuracy over a σ_mul × σ_add grid in one order.
+
+    Attributes:
+        sites: the site index, as a one-element tuple.
+        site_names: its name.
+        order: "mul-first" or "add-first".
+        sigmas_mul, sigmas_add: the grid axes, in the profile's reference.
+    """
+
+    sites: tuple[int, ...]
+    site_names: tuple[str, ...]
+    order: str
+    sigmas_mul: tuple[float, ...]
+    sigmas_add: tuple[float, ...]
+    scope: str = "walking"
+    reasons: dict[tuple[float, float], str] = field(default_factory=dict)
+    results: dict[tuple[float, float], list[TrialResult]] = field(default_factory=dict)
+
+    def propose(self) -> dict[tuple[float, float], str]:
+        if self.reasons:
+            return {}
+        return {(mul, add): "grid" for mul in self.sigmas_mul for add in self.sigmas_add}
+
+    def make_trial(self, pair: tuple[float, float], repeat: int) -> Trial:
+        return Trial(self.scope, self.sites, self.site_names, 0.0, repeat, pair, self.order)
+
+    def record(self) -> dict[str, Any]:
+        """Return the map as a JSON record: rows follow σ_mul, columns σ_add."""
+        accuracy, stderr = [], []
+        for mul in self.sigmas_mul:
+            accuracy.append([])
+            stderr.append([])
+            for add in self.sigmas_add:
+                values = np.array([result.accuracy for result in self.results[(mul, add)]])
+                accuracy[-1].append(float(values.mean()))
+                error = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+                stderr[-1].append(float(error))
+        some = next(iter(self.results.values()))
+        return {
+            "site": self.sites[0],
+            "name": self.site_names[0],
+            "order": self.order,
+            "sigma_mul": list(self.sigmas_mul),
+            "sigma_add": list(self.sigmas_add),
+            "accuracy": accuracy,
+            "stderr": stderr,
+            "repeats": len(some),
+            "samples": some[0].total,
+        }
