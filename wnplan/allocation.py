@@ -42,9 +42,10 @@ def proportional_counts(
 ) -> list[int]:
     """Round `budget · w_i / Σw` to integers that sum to `budget`, within [minimum, maximum].
 
-    Sites whose share falls outside the bounds are fixed at the bound, and the rest of the
-    budget is shared again among the others, until every share is within bounds. The
-    remaining fractions are then rounded by largest remainder (ties go to the earlier site).
+    The continuous shares are clip(λ·w_i, minimum, maximum), with λ chosen by bisection so
+    that they sum to the budget. This is the proportional rule with shares outside the
+    bounds held at the bound and the rest of the budget shared again among the others. The
+    fractions are then rounded by largest remainder (ties go to the earlier site).
     """
     weights = np.asarray(weights, dtype=np.float64)
     count = len(weights)
@@ -53,30 +54,28 @@ def proportional_counts(
     if np.any(~np.isfinite(weights)) or np.any(weights <= 0):
         raise SettingsError("allocation weights must be positive and finite")
 
-    low = np.zeros(count, dtype=bool)
-    high = np.zeros(count, dtype=bool)
-    shares = np.zeros(count)
-    while True:
-        free = ~(low | high)
-        free_budget = budget - minimum * int(low.sum()) - maximum * int(high.sum())
-        shares[free] = free_budget * weights[free] / weights[free].sum() if free.any() else 0.0
-        below = free & (shares < minimum)
-        above = free & (shares > maximum)
-        if not below.any() and not above.any():
-            break
-        # Fix the side that is further out first, so the shares of the rest stay feasible.
-        if below.any():
-            low |= below
-        else:
-            high |= above
-    shares[low] = minimum
-    shares[high] = maximum
+    def shares_at(scale: float) -> np.ndarray:
+        return np.clip(scale * weights, minimum, maximum)
 
-    counts = np.floor(shares + 1e-9).astype(int)
+    low, high = 0.0, budget / weights.min() + 1.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if shares_at(middle).sum() < budget:
+            low = middle
+        else:
+            high = middle
+    shares = shares_at(high)
+
+    counts = np.minimum(np.floor(shares + 1e-9).astype(int), maximum)
     remainders = shares - counts
     order = sorted(range(count), key=lambda i: (-remainders[i], i))
-    for position in order[: budget - int(counts.sum())]:
-        counts[position] += 1
+    missing = budget - int(counts.sum())
+    for position in order:
+        if missing <= 0:
+            break
+        if counts[position] < maximum:
+            counts[position] += 1
+            missing -= 1
     return [int(value) for value in counts]
 
 

@@ -141,8 +141,8 @@ def check(
 
     Args:
         plan: a plan record (see `wnplan.plan.allocate`).
-        accelerator: the accelerator to simulate; None uses the profile's noise kind at
-            `sigma`.
+        accelerator: the accelerator to simulate; None uses the plan's accelerator if it has
+            one, else the profile's noise kind at `sigma`.
         sigma: without an accelerator, σ before averaging, in the profile's noise reference;
             None uses the profile's global midpoint. With an accelerator, it must be None.
         quantize: fake-quantize each unshielded site at its hinted bit width.
@@ -157,6 +157,9 @@ def check(
         The check record; `verdict.passed` is False when the plan misses its target.
     """
     _check_settings(repeats, min_accuracy, accelerator, sigma)
+    if accelerator is None and sigma is None and plan.get("accelerator"):
+        # A plan made for an accelerator is checked against it unless told otherwise.
+        accelerator = Accelerator.from_dict(plan["accelerator"])
     profile_record, base = read_plan_profile(plan, plan_path)
     model, data = load_profile_inputs(profile_record, base)
     half = (plan.get("search") or {}).get("performed") and "odd"
