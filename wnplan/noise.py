@@ -19,8 +19,10 @@ does not depend on how samples are batched, which worker runs the trial, or in w
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -145,37 +147,66 @@ def draw_noise(
 
     Returns arrays of `shape` such that the noisy activation is `x * mul + add`; either is None
     when that part is absent. The draw for a sample depends only on (seed, site_index, sample
-    index), whatever `start` and the batch size are.
+    index), whatever `start` and the batch size are. Blocks are drawn on a small thread pool,
+    since numpy's generators release the GIL.
     """
     if noise.is_clean:
         return None, None
     count = shape[0]
-    features = shape[1:]
-    mul = np.empty(shape, dtype) if noise.sigma_mul > 0 else None
-    add = np.empty(shape, dtype) if noise.sigma_add > 0 else None
+    mul = np.empty(shape, np.float32) if noise.sigma_mul > 0 else None
+    add = np.empty(shape, np.float32) if noise.sigma_add > 0 else None
 
-    first_block = start // NOISE_BLOCK
-    last_block = (start + count - 1) // NOISE_BLOCK
-    for block in range(first_block, last_block + 1):
-        block_start = block * NOISE_BLOCK
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, site_index, block])))
-        block_shape = (NOISE_BLOCK, *features)
-        # Both parts are always drawn in the same order, so each has its own fixed stream.
-        mul_block = rng.standard_normal(block_shape, dtype=np.float32) if mul is not None else None
-        add_block = rng.standard_normal(block_shape, dtype=np.float32) if add is not None else None
-
-        low = max(start, block_start)
-        high = min(start + count, block_start + NOISE_BLOCK)
-        target = slice(low - start, high - start)
-        source = slice(low - block_start, high - block_start)
-        if mul is not None:
-            mul[target] = 1.0 + np.float32(noise.sigma_mul) * mul_block[source]
-        if add is not None:
-            add[target] = np.float32(noise.sigma_add) * add_block[source]
+    blocks = range(start // NOISE_BLOCK, (start + count - 1) // NOISE_BLOCK + 1)
+    jobs = [(noise, seed, site_index, block, start, count, mul, add) for block in blocks]
+    if len(jobs) > 1 and int(np.prod(shape)) >= _PARALLEL_ELEMENTS:
+        list(_pool().map(_draw_block, jobs))
+    else:
+        for job in jobs:
+            _draw_block(job)
 
     if noise.add_first and mul is not None and add is not None:
         add *= mul
+    if np.dtype(dtype) != np.float32:
+        mul = None if mul is None else mul.astype(dtype)
+        add = None if add is None else add.astype(dtype)
     return mul, add
+
+
+_PARALLEL_ELEMENTS = 1 << 18
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    return _executor
+
+
+def _draw_block(job: tuple) -> None:
+    """Fill one block's rows of `mul` and `add` in place.
+
+    The whole block is always drawn, multiplicative part first, so a sample's values do not
+    depend on which rows of the block the caller asked for.
+    """
+    noise, seed, site_index, block, start, count, mul, add = job
+    target = mul if mul is not None else add
+    features = target.shape[1:]
+    block_start = block * NOISE_BLOCK
+    low = max(start, block_start)
+    high = min(start + count, block_start + NOISE_BLOCK)
+    rows = slice(low - start, high - start)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, site_index, block])))
+    buffer = np.empty((NOISE_BLOCK, *features), np.float32)
+    if mul is not None:
+        rng.standard_normal(dtype=np.float32, out=buffer)
+        part = buffer[low - block_start : high - block_start]
+        np.multiply(part, np.float32(noise.sigma_mul), out=mul[rows])
+        mul[rows] += np.float32(1.0)
+    if add is not None:
+        rng.standard_normal(dtype=np.float32, out=buffer)
+        part = buffer[low - block_start : high - block_start]
+        np.multiply(part, np.float32(noise.sigma_add), out=add[rows])
 
 
 def apply_noise(x: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:
