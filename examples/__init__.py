@@ -1,0 +1,1 @@
+"""Example classifiers for wnplan and the script that trains and exports them."""
