@@ -5,6 +5,7 @@ All rules keep the sum exactly at the budget and every count within [minimum, ma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,11 +55,13 @@ def proportional_counts(
     if np.any(~np.isfinite(weights)) or np.any(weights <= 0):
         raise SettingsError("allocation weights must be positive and finite")
 
-    def shares_at(scale: float) -> np.ndarray:
-        return np.clip(scale * weights, minimum, maximum)
+    def shares_at(log_scale: float) -> np.ndarray:
+        return np.clip(np.exp(log_scale + np.log(weights)), minimum, maximum)
 
-    low, high = 0.0, budget / weights.min() + 1.0
-    for _ in range(200):
+    # Bisection in log λ resolves weights that span hundreds of decades.
+    low = math.log(max(minimum, 1e-300) / budget) - float(np.log(weights).max()) - 1.0
+    high = math.log(budget + 1.0) - float(np.log(weights).min()) + 1.0
+    for _ in range(300):
         middle = (low + high) / 2
         if shares_at(middle).sum() < budget:
             low = middle
@@ -70,6 +73,13 @@ def proportional_counts(
     remainders = shares - counts
     order = sorted(range(count), key=lambda i: (-remainders[i], i))
     missing = budget - int(counts.sum())
+    for position in reversed(order):
+        # Rounding can only overshoot by float error; take it back where the remainder is smallest.
+        if missing >= 0:
+            break
+        if counts[position] > minimum:
+            counts[position] -= 1
+            missing += 1
     for position in order:
         if missing <= 0:
             break

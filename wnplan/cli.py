@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn bad input into one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="wnplan", standalone_mode=False)
+        code = command.main(args=argv, prog_name="wnplan", standalone_mode=False)
     except WnplanError as error:
         _fail(str(error))
     except typer.Exit as exit_request:
@@ -414,7 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(error.format_message())
     except KeyboardInterrupt:
         _fail("interrupted; finished trials are kept in the store", code=130)
-    sys.exit(0)
+    # Without standalone mode, an Exit raised inside a command comes back as its code.
+    code = code if isinstance(code, int) else 0
+    if code == 130:
+        _fail("interrupted; finished trials are kept in the store", code=130)
+    sys.exit(code)
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -134,6 +134,11 @@ def load_data(
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
+    if not np.all(np.isfinite(x)):
+        raise DataError(
+            f"data {spec!r}: x has values that become inf or NaN in float32 after preprocessing; "
+            "rescale the data first"
+        )
     logger.info("loaded %s: %d samples of shape %s", spec, len(y), x.shape[1:])
     return Dataset(x, y, spec, preprocessing, _hash_arrays(x, y))
 

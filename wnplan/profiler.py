@@ -21,7 +21,7 @@ from wnplan.data import Dataset, load_data, parse_normalize
 from wnplan.errors import DataError, ModelError, SettingsError
 from wnplan.evaluate import InferenceEvaluator
 from wnplan.executors import EvaluationJob, Executor, InProcessExecutor, ProcessPoolExecutor
-from wnplan.fit import fit_curve
+from wnplan.fit import CurvePoint, fit_curve
 from wnplan.models import Model, load_model, read_declaration
 from wnplan.noise import NoiseSpec
 from wnplan.sites import select_sites
@@ -310,12 +310,12 @@ def _profile_record(
         entry["normalization"] = site.is_normalization
         entry["in_global"] = site.index in global_members
         curve = by_site.get(site.index)
-        entry["walking"] = _curve_record(curve, classes, settings.fit_space) if curve else None
+        entry["walking"] = _curve_record(curve, classes, settings.fit_space, (correct, len(dataset))) if curve else None
         sites.append(entry)
 
     global_record = None
     if global_curve is not None:
-        global_record = _curve_record(global_curve, classes, settings.fit_space)
+        global_record = _curve_record(global_curve, classes, settings.fit_space, (correct, len(dataset)))
         global_record["sites"] = list(global_curve.sites)
 
     return {
@@ -345,9 +345,16 @@ def _profile_record(
     }
 
 
-def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
-    fit = fit_curve(curve.curve_points(), chance=1.0 / classes, space=fit_space)
-    return {"points": curve.points(), "fit": fit.to_dict()}
+def _curve_record(curve: Curve, classes: int, fit_space: str, clean: tuple[int, int]) -> dict[str, Any]:
+    """Return a curve's points and fit; the clean model is the point at σ = 0."""
+    correct, samples = clean
+    clean_point = {
+        "sigma": 0.0, "accuracy": correct / samples, "stderr": 0.0, "samples": samples, "repeats": 1, "reason": "clean",
+    }
+    points = [clean_point, *curve.points()]
+    fit_points = [CurvePoint(0.0, correct / samples, 0.0, samples, 1), *curve.curve_points()]
+    fit = fit_curve(fit_points, chance=1.0 / classes, space=fit_space)
+    return {"points": points, "fit": fit.to_dict()}
 
 
 def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:

@@ -76,6 +76,10 @@ def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file readable by its owner only; use the usual umask instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, 0o666 & ~umask)
         with os.fdopen(descriptor, "w") as stream:
             stream.write(text)
             stream.flush()

@@ -39,14 +39,23 @@ def select_sites(sites: Sequence[Site], selection: str | None) -> list[int]:
 
 
 def _match(sites: Sequence[Site], entry: str) -> list[int]:
-    if entry.isdigit():
+    if _is_number(entry):
         index = int(entry)
         return [index] if index < len(sites) else []
     low, dash, high = entry.partition("-")
-    if dash and low.isdigit() and high.isdigit():
+    if dash and _is_number(low) and _is_number(high):
         return [site.index for site in sites if int(low) <= site.index <= int(high)]
-    by_name = [site.index for site in sites if entry in (site.name, site.module)]
-    if by_name:
-        return by_name
     lowered = entry.lower()
-    return [site.index for site in sites if site.op.lower() == lowered or site.op.lower().startswith(lowered)]
+    by_name = {site.index for site in sites if entry in (site.name, site.module)}
+    by_op = {site.index for site in sites if site.op.lower() == lowered}
+    if by_op:
+        # An exact op type selects every site of that type, even when a site is also named
+        # like it (torch.export names the first ReLU node "relu").
+        return sorted(by_name | by_op)
+    if by_name:
+        return sorted(by_name)
+    return [site.index for site in sites if site.op.lower().startswith(lowered)]
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()

@@ -175,6 +175,9 @@ def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:
     """Build an onnxruntime session on the CPU with the configured thread count."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Full optimization fuses operators differently around inserted noise nodes, which makes
+    # noisy and suffix runs differ from the clean graph in the last bits; extended keeps them equal.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     threads = runtime.threads()
     if threads is not None:
         options.intra_op_num_threads = threads

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +24,28 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from wnplan.errors import ModelError
 from wnplan.models import Model
-from wnplan.train.layers import LINEAR_TARGETS, BatchNormSwitch
+from wnplan.train.layers import LINEAR_TARGETS, BatchNormSwitch, conv, linear
+from wnplan.train.stacked import build_stacked_graph, elementwise_call
 
 logger = logging.getLogger(__name__)
 
 # Parameter kinds: "weight" (conv/linear weights, the only clamped kind), "bias",
-# "norm" (BatchNorm scale and shift), "parameter" (any other trainable tensor).
+# "norm_scale" and "norm_shift" (BatchNorm affine), "parameter" (any other trainable tensor).
 # Buffer kinds: "running_mean", "running_var" (trained state, kept per configuration).
-TRAINABLE_KINDS = ("weight", "bias", "norm", "parameter")
+TRAINABLE_KINDS = ("weight", "bias", "norm_scale", "norm_shift", "parameter")
 RUNNING_KINDS = ("running_mean", "running_var")
+BATCH_NORM_KINDS = ("norm_scale", "norm_shift", "running_mean", "running_var")
 
+_CONVOLUTION_TARGETS = frozenset(
+    {
+        torch.ops.aten.conv1d.default,
+        torch.ops.aten.conv2d.default,
+        torch.ops.aten.conv3d.default,
+        torch.ops.aten.conv1d.padding,
+        torch.ops.aten.conv2d.padding,
+        torch.ops.aten.conv3d.padding,
+    }
+)
 _BATCH_NORM_TARGETS = {
     torch.ops.aten.batch_norm.default: "batch_norm",
     torch.ops.aten._native_batch_norm_legit_no_training.default: "legit_no_training",
@@ -68,6 +79,7 @@ class Twin:
         site_nodes: the node after which noise goes, per wnplan site index (0 is the input).
         roles: the role of every trained tensor, keyed by its name in `module`.
         source_format: the model's format ("pt2", "onnx", ...).
+        site_shapes: per-sample shape of each site's value, by site index.
         sample_numel: per-sample element count of every node output, summed (for memory
             estimates).
     """
@@ -78,6 +90,7 @@ class Twin:
     site_nodes: tuple[fx.Node, ...]
     roles: dict[str, TensorRole]
     source_format: str
+    site_shapes: tuple[tuple[int, ...], ...] = ()
     sample_numel: int = 0
 
     def trainable_names(self) -> list[str]:
@@ -96,6 +109,10 @@ class Twin:
         tensors = self.tensors()
         return sum(int(tensors[name].numel()) for name in self.trainable_names())
 
+    def stacked_names(self) -> list[str]:
+        """Return the names of the tensors kept per configuration, in the stacked modules' input order."""
+        return self.trainable_names() + self.running_names()
+
     def site_module(
         self,
         sites: Sequence[int],
@@ -103,37 +120,76 @@ class Twin:
         arity: int,
         return_sites: bool = False,
     ) -> fx.GraphModule:
-        """Build a GraphModule that applies `transform` to the value of each site in `sites`.
+        """Build a GraphModule that applies `transform` after each site in `sites`.
 
         The module takes the samples, then `arity` extra inputs per site in the order of
-        `sites`, and calls `transform(value, *extra)` after each site. It returns the logits,
-        followed, with `return_sites`, by each site's value before and after the transform.
-        The module shares every tensor with `module`.
+        `sites`, and calls `transform(value, *extra)` on each site's value. It returns the
+        logits, followed, with `return_sites`, by each site's value before and after the
+        transform. It shares every tensor with `module`.
         """
         graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        extra = {}
-        sample = graph.placeholder("samples")
-        for position, index in enumerate(sites):
-            extra[self.site_nodes[index]] = [graph.placeholder(f"site{position}_arg{slot}") for slot in range(arity)]
-
+        samples = graph.placeholder("samples")
+        extra = self._site_placeholders(graph, sites, arity)
         before: dict[fx.Node, fx.Node] = {}
+        env: dict[fx.Node, fx.Node] = {}
+        for node in self._needed_nodes():
+            copied = samples if node is self.input_node else graph.node_copy(node, lambda arg: env[arg])
+            env[node] = self._transformed(graph, node, copied, extra, before, transform)
+        self._finish(graph, env, before, sites, return_sites)
+        return fx.GraphModule(self.module, graph)
 
-        def transformed(node: fx.Node, copied: fx.Node) -> fx.Node:
-            if node not in extra:
-                return copied
-            before[node] = copied
-            return graph.call_function(transform, (copied, *extra[node]))
+    def stacked_site_module(
+        self,
+        sites: Sequence[int],
+        transform: Callable[..., torch.Tensor],
+        arity: int,
+        return_sites: bool = False,
+    ) -> fx.GraphModule:
+        """Build the module of `site_module` for K configurations at once.
 
+        Every input has a leading configuration dimension K: the samples (K, N, ...), the
+        extra site inputs, then the tensors named by `stacked_names()`, each (K, ...). So do
+        the outputs. Its BatchNorm layers follow the module's own train/eval mode.
+        """
+        graph = fx.Graph()
+        samples = graph.placeholder("samples")
+        extra = self._site_placeholders(graph, sites, arity)
+        tensors = {name: graph.placeholder(f"stacked_{index}") for index, name in enumerate(self.stacked_names())}
+        before: dict[fx.Node, fx.Node] = {}
+        stacked_transform = elementwise_call(transform, [True] * (arity + 1))
+
+        def after(node: fx.Node, copied: fx.Node) -> fx.Node:
+            return self._transformed(graph, node, copied, extra, before, stacked_transform)
+
+        modules: dict[str, nn.Module] = {}
+        env = build_stacked_graph(
+            self.module, self._needed_nodes(), {self.input_node: samples}, graph, tensors, modules, after
+        )
+        self._finish(graph, env, before, sites, return_sites)
+        root: dict[str, object] = dict(modules)
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                root[str(node.target)] = _attr(self.module, node)
+        return fx.GraphModule(root, graph)
+
+    def _needed_nodes(self) -> list[fx.Node]:
         needed = _ancestors(self.logits_node)
-        for node in self.module.graph.nodes:
-            if node not in needed:
-                continue
-            if node is self.input_node:
-                env[node] = transformed(node, sample)
-                continue
-            env[node] = transformed(node, graph.node_copy(node, lambda arg: env[arg]))
+        return [node for node in self.module.graph.nodes if node in needed]
 
+    def _site_placeholders(self, graph: fx.Graph, sites: Sequence[int], arity: int) -> dict[fx.Node, list[fx.Node]]:
+        return {
+            self.site_nodes[index]: [graph.placeholder(f"site{position}_arg{slot}") for slot in range(arity)]
+            for position, index in enumerate(sites)
+        }
+
+    @staticmethod
+    def _transformed(graph, node, copied, extra, before, transform) -> fx.Node:
+        if node not in extra:
+            return copied
+        before[node] = copied
+        return graph.call_function(transform, (copied, *extra[node]))
+
+    def _finish(self, graph, env, before, sites, return_sites) -> None:
         outputs = [env[self.logits_node]]
         if return_sites:
             for index in sites:
@@ -141,7 +197,6 @@ class Twin:
                 outputs.extend([before[node], env[node]])
         graph.output(tuple(outputs))
         graph.lint()
-        return fx.GraphModule(self.module, graph)
 
 
 def build_twin(model: Model) -> Twin:
@@ -162,6 +217,7 @@ def build_twin(model: Model) -> Twin:
             f"{model.path}: trained mode needs a .pt2 program, a state dict with --factory, or an "
             f"ONNX model; got format {model.format!r}"
         )
+    twin.site_shapes = tuple(site.shape for site in model.sites)
     twin.sample_numel = _probe(twin, model)
     logger.info(
         "built a %s twin with %d sites and %d trainable parameters",
@@ -171,54 +227,83 @@ def build_twin(model: Model) -> Twin:
 
 
 def _twin_from_torch(model: Model) -> Twin:
-    # TorchModel keeps its exported GraphModule and site nodes private; the twin reads them
-    # and copies every tensor, so the model stays untouched.
+    # TorchModel keeps its exported GraphModule and site nodes private. The twin reads them
+    # and clones every tensor the graph uses, so the model stays untouched.
     source: fx.GraphModule = model._module
-    root = copy.deepcopy(source)
-    by_name = {node.name: node for node in root.graph.nodes}
-    site_names = [node.name for node in model._site_nodes]
-    outputs = [node for node in root.graph.nodes if node.op == "output"]
+    outputs = [node for node in source.graph.nodes if node.op == "output"]
     logits = _first_node(outputs[0].args[0])
-    inputs = [node for node in root.graph.nodes if node.op == "placeholder"]
+    inputs = [node for node in source.graph.nodes if node.op == "placeholder"]
+    needed = _ancestors(logits)
+    if any(node.op == "placeholder" and node is not inputs[0] for node in needed):
+        raise ModelError(f"{model.path}: trained mode supports models with one input, found {len(inputs)}")
 
+    root = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    switches = 0
-    for node in root.graph.nodes:
-        if node not in _ancestors(logits):
+    for node in source.graph.nodes:
+        if node not in needed:
             continue
-        if node.op == "placeholder":
-            if node is not inputs[0]:
-                raise ModelError(f"{model.path}: trained mode supports models with one input, found {len(inputs)}")
-            env[node] = graph.placeholder(node.name)
-            continue
+        if node.op == "get_attr":
+            _copy_attribute(root, str(node.target), _attr(source, node))
         kind = _BATCH_NORM_TARGETS.get(node.target) if node.op == "call_function" else None
-        if kind is None:
-            env[node] = graph.node_copy(node, lambda arg: env[arg])
+        if kind is not None:
+            env[node] = _switch_node(graph, root, node, kind, env)
             continue
-        name = f"wnplan_batch_norm_{switches}"
-        switches += 1
-        x, weight, bias, mean, var = node.args[:5]
-        momentum, eps = (node.args[6], node.args[7]) if kind == "batch_norm" else (node.args[5], node.args[6])
-        root.add_submodule(name, BatchNormSwitch(float(momentum), float(eps), as_tuple=kind == "legit_no_training"))
-        arguments = tuple(env[arg] if isinstance(arg, fx.Node) else arg for arg in (x, weight, bias, mean, var))
-        env[node] = graph.call_module(name, arguments)
-        env[node].meta = dict(node.meta)
+        env[node] = graph.node_copy(node, lambda arg: env[arg])
+        _use_stacked_layer(env[node])
     graph.output((env[logits],))
     graph.lint()
     module = fx.GraphModule(root, graph)
 
-    twin_nodes = {node.name: node for node in module.graph.nodes}
-    copied = {original: env[node] for original, node in by_name.items() if node in env}
-    site_nodes = tuple(twin_nodes[copied[name].name] for name in site_names)
+    # GraphModule keeps the graph it is given, so the copied nodes are the module's nodes.
     return Twin(
         module=module,
-        input_node=twin_nodes[env[inputs[0]].name],
-        logits_node=twin_nodes[env[logits].name],
-        site_nodes=site_nodes,
+        input_node=env[inputs[0]],
+        logits_node=env[logits],
+        site_nodes=tuple(env[node] for node in model._site_nodes),
         roles=classify_tensors(module),
         source_format=model.format,
     )
+
+
+def _switch_node(graph: fx.Graph, root: nn.Module, node: fx.Node, kind: str, env: dict) -> fx.Node:
+    """Add a BatchNormSwitch in place of an exported inference-mode BatchNorm node."""
+    name = f"wnplan_batch_norm_{sum(isinstance(child, BatchNormSwitch) for child in root.children())}"
+    x, weight, bias, mean, var = node.args[:5]
+    momentum, eps = (node.args[6], node.args[7]) if kind == "batch_norm" else (node.args[5], node.args[6])
+    root.add_module(name, BatchNormSwitch(float(momentum), float(eps), as_tuple=kind == "legit_no_training"))
+    arguments = tuple(env[arg] if isinstance(arg, fx.Node) else arg for arg in (x, weight, bias, mean, var))
+    return graph.call_module(name, arguments)
+
+
+def _use_stacked_layer(node: fx.Node) -> None:
+    """Retarget an ATen linear or (non-transposed) convolution node to the twin's layers."""
+    if node.op != "call_function":
+        return
+    if node.target is torch.ops.aten.linear.default:
+        node.target = linear
+    elif node.target in _CONVOLUTION_TARGETS:
+        node.target = conv
+    elif node.target is torch.ops.aten.convolution.default and not node.args[6]:
+        x, weight, bias, stride, padding, dilation, _, _, groups = node.args[:9]
+        node.target = conv
+        node.args = (x, weight, bias, stride, padding, dilation, groups)
+
+
+def _copy_attribute(root: nn.Module, path: str, value) -> None:
+    """Store a clone of `value` in `root` at a dotted path, creating empty modules on the way."""
+    *parents, leaf = path.split(".")
+    owner = root
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+    elif isinstance(value, torch.Tensor):
+        owner.register_buffer(leaf, value.detach().clone())
+    else:
+        setattr(owner, leaf, copy.deepcopy(value))
 
 
 def classify_tensors(module: fx.GraphModule) -> dict[str, TensorRole]:
@@ -232,11 +317,9 @@ def classify_tensors(module: fx.GraphModule) -> dict[str, TensorRole]:
     roles: dict[str, TensorRole] = {}
     for node in module.graph.nodes:
         if node.op == "call_module" and isinstance(module.get_submodule(str(node.target)), BatchNormSwitch):
-            slots = dict(zip(("norm", "norm", "running_mean", "running_var"), node.args[1:5], strict=False))
-            for kind, arg in zip(("norm", "norm", "running_mean", "running_var"), node.args[1:5], strict=False):
+            for kind, arg in zip(BATCH_NORM_KINDS, node.args[1:5], strict=False):
                 if isinstance(arg, fx.Node) and arg.op == "get_attr":
                     roles[str(arg.target)] = TensorRole(kind, 0, str(arg.target))
-            del slots
         elif node.op == "call_function" and node.target in LINEAR_TARGETS:
             weight = node.args[1] if len(node.args) > 1 else None
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -301,14 +384,3 @@ def _attr(module: nn.Module, node: fx.Node) -> torch.Tensor:
     for part in str(node.target).split("."):
         value = getattr(value, part)
     return value
-
-
-def is_getitem(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
-
-
-def shared_tensors(twin: Twin) -> Mapping[str, torch.Tensor]:
-    """Return the twin's tensors that every configuration shares (constants), by name."""
-    named = dict(twin.module.named_parameters())
-    named.update(twin.module.named_buffers())
-    return {name: value for name, value in named.items() if name not in twin.roles}
