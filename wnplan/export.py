@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from wnplan.errors import ModelError
+from wnplan.errors import ModelError, SettingsError
 from wnplan.models.base import file_sha256
 from wnplan.models.onnx_graph import check_model
 
@@ -39,7 +40,9 @@ def export_plan_to_onnx(plan: dict[str, Any], model_path: str | Path, out_path: 
         ModelError: the model is not the ONNX file the plan was made for, or cannot be read.
     """
     model_path = Path(model_path)
-    if model_path.suffix.lower() != ".onnx" or not model_path.is_file():
+    if not model_path.is_file():
+        raise ModelError(f"model file not found: {str(model_path)!r}")
+    if model_path.suffix.lower() != ".onnx":
         raise ModelError(f"{str(model_path)!r} is not an ONNX file; export-onnx needs the .onnx model of the plan")
     if file_sha256(model_path) != plan["profile"]["model"]["sha256"]:
         raise ModelError(
@@ -63,26 +66,36 @@ def export_plan_to_onnx(plan: dict[str, Any], model_path: str | Path, out_path: 
     _set_properties(model.metadata_props, {"wnplan.plan": json.dumps(_summary(plan), sort_keys=True, separators=(",", ":"))})
     model.ir_version = max(model.ir_version, NODE_METADATA_IR_VERSION)
     check_model(model)
-    out_path = Path(out_path)
-    temporary = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        temporary.write_bytes(model.SerializeToString())
-        os.replace(temporary, out_path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    _write_atomically(model.SerializeToString(), Path(out_path))
     logger.info("annotated %d nodes of %s", annotated, model_path)
     return annotated
+
+
+def _write_atomically(content: bytes, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise SettingsError(f"cannot write {str(path)!r}: {error.strerror or error}; pass a writable -o path") from None
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(content)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise SettingsError(f"cannot write {str(path)!r}: {error.strerror or error}; pass a writable -o path") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def _site_properties(site: dict[str, Any]) -> dict[str, str]:
     properties = {
         "wnplan.site": str(site["index"]),
-        "wnplan.executions": str(site["executions"]),
+        "wnplan.executions": str(int(site["executions"])),
         "wnplan.shield": "true" if site["shield"] else "false",
     }
     bits = (site.get("bits") or {}).get("bits")
     if bits is not None:
-        properties["wnplan.bits"] = str(bits)
+        properties["wnplan.bits"] = str(int(bits))
     return properties
 
 

@@ -90,6 +90,11 @@ class AllocationSettings:
             raise SettingsError(f"invalid --min-accuracy {self.min_accuracy}: expected a fraction in [0, 1]")
         if self.search_budget < 0 or not math.isfinite(self.search_budget):
             raise SettingsError(f"invalid --search-budget {self.search_budget}: expected seconds ≥ 0")
+        if self.min_executions < 1:
+            raise SettingsError(
+                f"invalid --min-executions {self.min_executions}: every unshielded site runs at least once; "
+                "shield a site (--shield) to keep it off the accelerator"
+            )
         if self.search_repeats < 1:
             raise SettingsError(f"invalid --search-repeats {self.search_repeats}: expected at least 1")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from functools import cache
@@ -58,8 +59,9 @@ def dumps(record: dict[str, Any]) -> str:
     """Return canonical JSON: sorted keys, two-space indent, no NaN or infinity."""
     try:
         return json.dumps(record, sort_keys=True, indent=2, allow_nan=False) + "\n"
-    except ValueError as error:
-        raise FileFormatError(f"refusing to write a non-finite number: {error}") from None
+    except ValueError:
+        where = _non_finite_path(record)
+        raise FileFormatError(f"field {where} is a non-finite number (NaN or infinity); wnplan writes only finite numbers") from None
 
 
 def record_sha256(record: dict[str, Any]) -> str:
@@ -103,7 +105,7 @@ def read_record(path: str | Path, kind: str) -> dict[str, Any]:
         hint = f"; run `wnplan {'profile' if kind == 'profile' else 'allocate' if kind == 'plan' else 'check'}` first"
         raise FileFormatError(f"{kind} file not found: {str(path)!r}{hint}")
     try:
-        record = json.loads(path.read_text(), parse_constant=_reject_constant)
+        record = json.loads(path.read_text(), parse_constant=_reject_constant, parse_float=_finite_float)
     except (OSError, UnicodeDecodeError) as error:
         raise FileFormatError(f"{path}: cannot read the {kind} file ({error})") from None
     except ValueError as error:
@@ -111,12 +113,35 @@ def read_record(path: str | Path, kind: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise FileFormatError(f"{path}: a {kind} file must contain a JSON object")
     if record.get("kind") != kind:
-        raise FileFormatError(
-            f"{path}: this is a {record.get('kind', 'unknown')!s} file, but a {kind} file is needed"
-        )
+        found = f"a {record['kind']} file" if isinstance(record.get("kind"), str) else "not a wnplan file (no kind field)"
+        raise FileFormatError(f"{path}: this is {found}, but a {kind} file is needed")
     validate(record, kind, str(path))
     return record
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to infinity, which is not allowed")
+    return value
+
+
+def _non_finite_path(value: Any, path: str = "") -> str | None:
+    """Return the path of the first NaN or infinite number in a record, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(top level)"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite_path(item, f"{path}/{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None

@@ -47,13 +47,16 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def panel_grid(rows: int, columns: int, panel: tuple[float, float], sharey: bool = True):
+def panel_grid(rows: int, columns: int, panel: tuple[float, float], sharey: bool = True, gap_y: float = 0.55):
     """Return a figure and a `rows` × `columns` array of axes, each `panel` inches, with fixed margins.
+
+    `gap_y` is the vertical gap between panels in inches, room for a title and tick labels.
 
     Fixed margins fit the small-multiple grids (one-line titles, small tick labels) and avoid
     constrained layout, which takes seconds on a grid of log axes.
     """
-    left, right, bottom, top, gap_x, gap_y = 0.85, 0.2, 0.75, 0.75, 0.25, 0.55
+    left, right, bottom, top = 0.85, 0.2, 0.75, 0.75
+    gap_x = 0.25 if sharey else 0.7  # panels with their own y axis need room for its labels
     width = left + right + columns * panel[0] + (columns - 1) * gap_x
     height = bottom + top + rows * panel[1] + (rows - 1) * gap_y
     figure = Figure(figsize=(width, height))

@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 
 from wnplan.errors import FileFormatError
 from wnplan.report.figures import RenderedFigure, new_figure, save_figure, short_name
-from wnplan.report.sources import MODE_LABELS, additive_units
+from wnplan.report.sources import MODE_LABELS, additive_units, check_map
 
 # Each accuracy level keeps its line style in every map. The σ_add = σ_mul diagonal is dotted.
 CONTOUR_STYLES = {0.2: "-", 0.4: "--", 0.6: "-.", 0.8: (0, (8, 3))}
@@ -74,15 +74,10 @@ def map_figure(profile: Mapping[str, Any], grid: Mapping[str, Any], out_dir: Pat
 
 
 def _positive_grid(grid: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    check_map(grid)
     sigma_mul = np.asarray(grid["sigma_mul"], dtype=float)
     sigma_add = np.asarray(grid["sigma_add"], dtype=float)
     accuracy = np.asarray(grid["accuracy"], dtype=float)
-    if accuracy.shape != (len(sigma_mul), len(sigma_add)):
-        raise FileFormatError(
-            f"the map of site {grid['site']} ({grid['order']}, {grid['mode']}) has an accuracy grid of shape "
-            + f"{accuracy.shape}, expected {(len(sigma_mul), len(sigma_add))} (rows σ_mul, columns σ_add); "
-            + "profile the map again"
-        )
     rows, columns = np.argsort(sigma_mul), np.argsort(sigma_add)
     sigma_mul, sigma_add, accuracy = sigma_mul[rows], sigma_add[columns], accuracy[np.ix_(rows, columns)]
     keep_rows, keep_columns = sigma_mul > 0, sigma_add > 0

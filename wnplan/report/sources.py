@@ -60,14 +60,19 @@ def load_sources(source: str | Path | Mapping[str, Any]) -> ReportSources:
     record, path = _read_any(source)
     kind = record["kind"]
     if kind == "profile":
-        return ReportSources(profile=record, source_kind=kind)
-    if kind == "plan":
+        sources = ReportSources(profile=record, source_kind=kind)
+    elif kind == "plan":
         profile, _ = read_plan_profile(record, path)
-        return ReportSources(profile=profile, plan=record, source_kind=kind)
+        sources = ReportSources(profile=profile, plan=record, source_kind=kind)
+    else:
+        plan, plan_path = _read_check_plan(record, path)
+        profile, _ = read_plan_profile(plan, plan_path)
+        sources = ReportSources(profile=profile, plan=plan, check=record, source_kind=kind)
 
-    plan, plan_path = _read_check_plan(record, path)
-    profile, _ = read_plan_profile(plan, plan_path)
-    return ReportSources(profile=profile, plan=plan, check=record, source_kind=kind)
+    # The schema cannot tie a map's grid to its axes, so a bad map is found here, before any drawing.
+    for grid in sources.profile.get("maps", []):
+        check_map(grid)
+    return sources
 
 
 def _read_any(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
@@ -105,6 +110,18 @@ def _read_check_plan(check: Mapping[str, Any], check_path: Path | None) -> tuple
     if records.record_sha256(plan) != check["plan"]["sha256"]:
         raise SettingsError(f"{plan_path} changed since the check measured it; run `wnplan check` again")
     return plan, plan_path
+
+
+def check_map(grid: Mapping[str, Any]) -> None:
+    """Raise FileFormatError unless a map's accuracy grid has one row per σ_mul and one column per σ_add."""
+    expected = (len(grid["sigma_mul"]), len(grid["sigma_add"]))
+    rows = grid["accuracy"]
+    shape = (len(rows), *sorted({len(row) for row in rows})) if rows else (0, expected[1])
+    if shape != expected:
+        raise FileFormatError(
+            f"the map of site {grid['site']} ({grid['order']}, {grid['mode']}) has an accuracy grid of shape "
+            + f"{shape}, expected {expected} (rows σ_mul, columns σ_add); profile the map again"
+        )
 
 
 # --- curves and midpoints ---

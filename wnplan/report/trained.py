@@ -90,8 +90,7 @@ def histograms_figure(profile: Mapping[str, Any], out_dir: Path) -> RenderedFigu
     panels = [(site, found) for site, data in trained_entries(profile) if (found := last_histogram(data))]
     if not panels:
         return None
-    figure = new_figure(8.0, 1.9 * len(panels) + 0.6)
-    axes = figure.subplots(len(panels), 2, squeeze=False)
+    figure, axes = panel_grid(len(panels), 2, (3.4, 1.4), sharey=False, gap_y=0.8)
     for (linear, logarithmic), (site, (sigma, histogram)) in zip(axes, panels, strict=True):
         title = f"{site_label(site)}, σ = {sigma:.3g}"
         _draw_histogram(linear, histogram.get("edges"), histogram.get("counts"), log_axes=False)

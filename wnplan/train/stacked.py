@@ -82,6 +82,11 @@ DIMENSION_OPS: dict[str, list[tuple[str, int, str, object]]] = {
 # Operators in DIMENSION_OPS whose result does not depend on the configuration.
 UNSTACKED_RESULTS = frozenset({"sym_size"})
 
+# Python callables that act element by element (or only on trailing dimensions), and
+# callables whose first dimension is the batch.
+ELEMENTWISE_FUNCTIONS: set[Callable] = set()
+BATCH_FUNCTIONS: set[Callable] = set()
+
 # Python callables (the ONNX converter's operators) with their own stacked implementation.
 # Each takes the same arguments as the callable, with K first on every stacked tensor, plus
 # `stacked`, the flags of which positional arguments are stacked.
@@ -96,6 +101,18 @@ def register_stacked(target: Callable) -> Callable[[Callable], Callable]:
         return implementation
 
     return decorator
+
+
+def register_elementwise(target: Callable) -> Callable:
+    """Mark a callable as element-wise: broadcasting it over stacked arguments is correct."""
+    ELEMENTWISE_FUNCTIONS.add(target)
+    return target
+
+
+def register_batch(target: Callable) -> Callable:
+    """Mark a callable whose first input dimension is the batch: K merges into it."""
+    BATCH_FUNCTIONS.add(target)
+    return target
 
 
 def op_name(target) -> str:
@@ -120,7 +137,8 @@ class StackedBatchNorm(nn.Module):
         # stacked (K, C) buffers, so the in-place update of a training step lands there.
         merged = x.movedim(0, 1).reshape(batch, size * channels, *x.shape[3:])
         statistics = [value.reshape(-1) for value in (running_mean, running_var)]
-        if any(value.data_ptr() != source.data_ptr() for value, source in zip(statistics, (running_mean, running_var))):
+        sources = (running_mean, running_var)
+        if any(value.data_ptr() != source.data_ptr() for value, source in zip(statistics, sources, strict=True)):
             raise RuntimeError("stacked BatchNorm running statistics must be contiguous (K, C) tensors")
         affine = [None if value is None else value.reshape(-1) for value in (weight, bias)]
         output = nn.functional.batch_norm(
@@ -215,9 +233,9 @@ def _rule(target, name: str, flags) -> functools.partial:
         return functools.partial(STACKED_IMPLEMENTATIONS[target], stacked=flags)
     if target in LINEAR_TARGETS:
         return functools.partial(_linear_or_conv, target, flags)
-    if name in ELEMENTWISE_OPS:
+    if target in ELEMENTWISE_FUNCTIONS or name in ELEMENTWISE_OPS:
         return functools.partial(_elementwise, target, flags)
-    if name in BATCH_OPS and flags[0] is True and not _any(flags[1:]):
+    if (target in BATCH_FUNCTIONS or name in BATCH_OPS) and flags[0] is True and not _any(flags[1:]):
         return functools.partial(_batch_merged, target)
     if name in DIMENSION_OPS and not _any(flags[1:]):
         return functools.partial(_shifted, target, name, flags)
@@ -295,7 +313,9 @@ def _shifted(target, name, flags, *args, **kwargs):
         # A list of tensors (cat): shared tensors are expanded to K copies first.
         parts, part_flags = args[0], flags[0]
         size = next(part.shape[0] for part, flag in zip(parts, part_flags, strict=True) if flag)
-        args[0] = [part if flag else part.expand(size, *part.shape) for part, flag in zip(parts, part_flags, strict=True)]
+        args[0] = [
+            part if flag else part.expand(size, *part.shape) for part, flag in zip(parts, part_flags, strict=True)
+        ]
         x = args[0][0]
     else:
         x = args[0]

@@ -347,8 +347,11 @@ def draw_training_noise(
         any_add = any(level.sigma_add > 0 for level in levels)
         muls, adds = [], []
         for level, generator in zip(levels, generators, strict=True):
-            mul = torch.randn(size, generator=generator).mul_(level.sigma_mul).add_(1.0) if level.sigma_mul > 0 else None
-            add = torch.randn(size, generator=generator).mul_(level.sigma_add) if level.sigma_add > 0 else None
+            mul = add = None
+            if level.sigma_mul > 0:
+                mul = torch.randn(size, generator=generator).mul_(level.sigma_mul).add_(1.0)
+            if level.sigma_add > 0:
+                add = torch.randn(size, generator=generator).mul_(level.sigma_add)
             if level.add_first and mul is not None and add is not None:
                 add = add * mul
             muls.append(mul if mul is not None else torch.ones(size))

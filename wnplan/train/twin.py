@@ -213,10 +213,8 @@ def build_twin(model: Model) -> Twin:
     elif hasattr(model, "_module") and hasattr(model, "_site_nodes"):
         twin = _twin_from_torch(model)
     else:
-        raise ModelError(
-            f"{model.path}: trained mode needs a .pt2 program, a state dict with --factory, or an "
-            f"ONNX model; got format {model.format!r}"
-        )
+        expected = "a .pt2 program, a state dict with --factory, or an ONNX model"
+        raise ModelError(f"{model.path}: trained mode needs {expected}; got format {model.format!r}")
     twin.site_shapes = tuple(site.shape for site in model.sites)
     twin.sample_numel = _probe(twin, model)
     logger.info(
@@ -349,8 +347,8 @@ def _probe(twin: Twin, model: Model) -> int:
     except Exception as error:  # any operator can fail on an unexpected shape
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(
-            f"{model.path}: the trainable copy fails on a batch of 2 samples ({first}); export the model "
-            "with a dynamic batch dimension"
+            f"{model.path}: the trainable copy fails on a batch of 2 samples ({first}); export the model with "
+            f"a dynamic batch dimension"
         ) from None
     total = 0
     for node in module.graph.nodes:

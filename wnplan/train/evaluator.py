@@ -1,0 +1,203 @@
+"""Trained-mode trials: train one model per trial with noise, then measure it with noise.
+
+`TrainedEvaluator.run_group` is the trained-mode counterpart of
+`wnplan.evaluate.InferenceEvaluator.run_group`: it takes the trials of one curve and yields
+one `TrialResult` per trial, in order, as chunks of trials finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from wnplan.data import Dataset
+from wnplan.errors import SettingsError
+from wnplan.models import Model
+from wnplan.noise import NoiseSpec, site_noise
+from wnplan.store import TrialResult
+from wnplan.sweep import Trial
+from wnplan.train import records
+from wnplan.train.layers import quantize_three_levels, quantize_two_levels
+from wnplan.train.measure import evaluate_noisy, evaluate_transformed
+from wnplan.train.trainer import TrainingConfig, TrainingSettings, chunk_size, train
+from wnplan.train.twin import Twin, build_twin
+
+logger = logging.getLogger(__name__)
+
+RECORD_SAMPLES = 1024  # evaluation samples whose site values feed histograms and quantizer levels
+
+
+class TrainedEvaluator:
+    """Runs trained-mode trials of one model and data set.
+
+    Each trial trains its own copy of the model with noise at its sites (fine-tuning, or
+    from scratch), then measures its accuracy with noise at the same sites.
+
+    Args:
+        model: the model; it is never modified.
+        train_data: training data.
+        eval_data: evaluation data.
+        noise: the noise model.
+        scales: per-site reference statistic for relative σ (1.0 for absolute σ).
+        seed_of: the noise seed of a trial (a hash of its identity and the sweep seed).
+        settings: how to train.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        train_data: Dataset,
+        eval_data: Dataset,
+        noise: NoiseSpec,
+        scales: Mapping[int, float],
+        seed_of: Callable[[Trial], int],
+        settings: TrainingSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.noise = noise
+        self.scales = scales
+        self.seed_of = seed_of
+        self.settings = settings or TrainingSettings()
+        self._twin: Twin | None = None
+
+    @property
+    def twin(self) -> Twin:
+        """The trainable twin of the model, built on first use."""
+        if self._twin is None:
+            self._twin = build_twin(self.model)
+        return self._twin
+
+    def config_of(self, trial: Trial) -> TrainingConfig:
+        """Return the training configuration of a trial.
+
+        The training seed (data order, initial weights) is the seed of the same trial at
+        σ = 0, so the models of one repeat at different σ start alike and see the same
+        batches. The training noise seed derives from the trial's own seed.
+        """
+        levels = tuple(
+            (index, site_noise(self.noise, trial.sigma, self.scales.get(index, 1.0))) for index in trial.sites
+        )
+        training_seed = self.seed_of(dataclasses.replace(trial, sigma=0.0))
+        return TrainingConfig(levels, training_seed, self.seed_of(trial))
+
+    def run_group(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
+        """Train and measure the trials, yielding one result per trial in order.
+
+        All trials must share their scope and sites (one curve). They are trained in
+        chunks that fit `settings.memory_limit`.
+        """
+        if not trials:
+            return
+        _check_group(trials)
+        twin = self.twin
+        configs = [self.config_of(trial) for trial in trials]
+        size = chunk_size(twin, self.settings, len(configs))
+        logger.info("training %d models at sites %s in chunks of %d", len(trials), list(trials[0].sites), size)
+        for start in range(0, len(trials), size):
+            chunk = trials[start : start + size]
+            yield from self._run_chunk(twin, chunk, configs[start : start + size])
+
+    def _run_chunk(
+        self, twin: Twin, trials: Sequence[Trial], configs: Sequence[TrainingConfig]
+    ) -> Iterator[TrialResult]:
+        started = time.perf_counter()
+        trained = train(twin, configs, self.train_data, self.settings)
+        seeds = [self.seed_of(trial) for trial in trials]
+        evaluation = evaluate_noisy(
+            twin, [config.levels for config in configs], seeds, trained.tensors, self.eval_data,
+            self.settings.eval_batch_size, self.settings.vectorize, RECORD_SAMPLES,
+        )
+        clean = self._accuracy_with(twin, configs[0].sites[0], trained.tensors, _identity, [])
+        binarization = self._binarization(twin, configs, trained.tensors, evaluation, clean)
+        seconds = (time.perf_counter() - started) / len(trials)
+
+        total = len(self.eval_data)
+        for position, (trial, config) in enumerate(zip(trials, configs, strict=True)):
+            extra = {
+                "mode": "trained",
+                "training": self.settings.to_dict(),
+                "seeds": {
+                    "trial": seeds[position],
+                    "training": config.training_seed,
+                    "streams": config.stream_seeds(),
+                },
+                "steps": trained.steps,
+                "final_loss": records.finite_or_none(trained.final_loss[position]),
+                "clean_accuracy": clean[position] / total,
+                "weights": self._weight_record(twin, trained.tensors, position),
+            }
+            if evaluation.clean_values is not None:
+                extra["activations"] = {
+                    "site": trial.sites[0],
+                    "samples": int(evaluation.clean_values.shape[1]),
+                    "clean": records.activation_histogram(evaluation.clean_values[position]),
+                    "noisy": records.activation_histogram(evaluation.noisy_values[position]),
+                }
+            if binarization is not None:
+                extra["binarization"] = binarization[position]
+            yield TrialResult(evaluation.correct[position], total, extra, seconds)
+
+    def _accuracy_with(self, twin, site, tensors, transform, arguments) -> list[int]:
+        """Return correct counts per configuration with `transform` at one site and no noise."""
+        return evaluate_transformed(
+            twin, site, transform, arguments, tensors, self.eval_data, self.settings.eval_batch_size,
+            self.settings.vectorize,
+        )
+
+    def _binarization(self, twin, configs, tensors, evaluation, clean) -> list[dict[str, Any]] | None:
+        """Return the self-binarization test per configuration, for one walking site."""
+        if evaluation.clean_values is None:
+            return None
+        site = configs[0].sites[0]
+        binary = [records.binary_levels(values) for values in evaluation.clean_values]
+        ternary = [records.ternary_levels(values) for values in evaluation.clean_values]
+        binary_correct = self._accuracy_with(twin, site, tensors, quantize_two_levels, _per_config(binary))
+        ternary_correct = self._accuracy_with(twin, site, tensors, quantize_three_levels, _per_config(ternary))
+        total = len(self.eval_data)
+        return [
+            records.binarization_record(
+                clean[k] / total, binary_correct[k] / total, ternary_correct[k] / total, binary[k], ternary[k]
+            )
+            for k in range(len(configs))
+        ]
+
+    @staticmethod
+    def _weight_record(twin: Twin, tensors: Mapping[str, torch.Tensor], position: int) -> dict[str, float | None]:
+        names = [name for name in twin.trainable_names() if twin.roles[name].kind == "weight"]
+        weights = {name: tensors[name][position].numpy() for name in names}
+        labels = {name: twin.roles[name].label for name in weights}
+        return records.mean_absolute_weights(weights, labels)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _per_config(levels: Sequence[tuple[float, float]]) -> list[torch.Tensor]:
+    """Return the quantizer arguments (thresholds, levels) as two (K,) tensors."""
+    values = np.array(levels, dtype=np.float32).reshape(len(levels), 2)
+    values = np.nan_to_num(values, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min)
+    return [torch.from_numpy(np.ascontiguousarray(values[:, 0])), torch.from_numpy(np.ascontiguousarray(values[:, 1]))]
+
+
+def _check_group(trials: Sequence[Trial]) -> None:
+    first = trials[0]
+    if first.scope not in ("walking", "global"):
+        raise SettingsError(f"unknown trial scope {first.scope!r}: expected walking or global")
+    if first.scope == "walking" and len(first.sites) != 1:
+        raise SettingsError(f"a walking trial has noise at exactly one site, got sites {list(first.sites)}")
+    for trial in trials[1:]:
+        if trial.scope != first.scope or trial.sites != first.sites:
+            first_group = f"{first.scope} {list(first.sites)}"
+            other_group = f"{trial.scope} {list(trial.sites)}"
+            raise SettingsError(
+                f"trials trained together must share scope and sites; got {first_group} and {other_group}"
+            )
