@@ -2,9 +2,10 @@
 
 The public API mirrors the command line:
 
-    from wnplan import ProfileSettings, NoiseSpec, profile, allocate, check
+    from wnplan import AllocationSettings, NoiseSpec, ProfileSettings, allocate, check, profile, write_record
     record = profile("model.onnx", "fashion-mnist", ProfileSettings(noise=NoiseSpec("additive")))
-    plan = allocate(record, budget=22, profile_path="wnplan-profile.json")
+    write_record(record, "profile", "wnplan-profile.json")
+    plan = allocate(record, AllocationSettings(budget=22), profile_path="wnplan-profile.json")
     result = check(plan)
 """
 
@@ -21,12 +22,13 @@ from wnplan.errors import (
 from wnplan.fit import CurvePoint, FitResult, fit_curve, predict_accuracy
 from wnplan.models import Model, Site, load_model
 from wnplan.noise import NoiseSpec
-from wnplan.plan import allocate
+from wnplan.plan import AllocationSettings, allocate
 from wnplan.profiler import ProfileSettings, profile
 from wnplan.records import read_record, write_record
 from wnplan.simulate import check
 
 __all__ = [
+    "AllocationSettings",
     "CurvePoint",
     "DataError",
     "Dataset",
