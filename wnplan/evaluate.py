@@ -15,7 +15,7 @@ import numpy as np
 
 from wnplan.data import Dataset
 from wnplan.models import Model
-from wnplan.noise import NoiseSpec, SiteNoise, apply_noise, draw_noise, site_noise
+from wnplan.noise import NoiseSpec, SiteNoise, apply_noise, draw_noise, draw_standard, scale_noise, site_noise
 from wnplan.quantize import Quantizer
 from wnplan.store import TrialResult
 from wnplan.sweep import Trial
@@ -66,6 +66,48 @@ def trial_noise(spec: NoiseSpec, trial: Trial, scale: float) -> SiteNoise:
         return site_noise(spec, trial.sigma, scale)
     sigma_mul, sigma_add = trial.sigma_pair
     return SiteNoise(sigma_add * scale, sigma_mul, trial.order == "add-first")
+
+
+def evaluate_allocations(
+    model: Model,
+    data: Dataset,
+    level_sets: Sequence[Mapping[int, SiteNoise]],
+    seed: int,
+    chunk_samples: int = CHUNK_SAMPLES,
+    quantize: Mapping[int, Quantizer] | None = None,
+) -> list[int]:
+    """Return correct predictions for several noise settings measured on the same draws.
+
+    The standard normal values are drawn once per chunk and site, then scaled for each
+    setting, so differences between settings are not drowned in draw-to-draw noise
+    (common random numbers). A setting gets exactly the noise that `evaluate_noisy` would
+    give it alone when every setting has the same noise parts (multiplicative, additive) at
+    each site it makes noisy.
+    """
+    noisy_sites = sorted({index for levels in level_sets for index, level in levels.items() if not level.is_clean})
+    parts = {
+        index: (
+            any(levels.get(index, SiteNoise()).sigma_mul > 0 for levels in level_sets),
+            any(levels.get(index, SiteNoise()).sigma_add > 0 for levels in level_sets),
+        )
+        for index in noisy_sites
+    }
+    correct = [0] * len(level_sets)
+    for start in range(0, len(data), chunk_samples):
+        x = data.x[start : start + chunk_samples]
+        labels = data.y[start : start + chunk_samples]
+        draws = {
+            index: draw_standard((x.shape[0], *model.sites[index].shape), seed, index, start, parts[index])
+            for index in noisy_sites
+        }
+        for position, levels in enumerate(level_sets):
+            arrays = {
+                index: scale_noise(level, *draws[index])
+                for index, level in levels.items()
+                if not level.is_clean
+            }
+            correct[position] += count_correct(model.run(x, arrays, quantize), labels)
+    return correct
 
 
 class InferenceEvaluator:

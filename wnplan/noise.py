@@ -147,23 +147,47 @@ def draw_noise(
 
     Returns arrays of `shape` such that the noisy activation is `x * mul + add`; either is None
     when that part is absent. The draw for a sample depends only on (seed, site_index, sample
-    index), whatever `start` and the batch size are. Blocks are drawn on a small thread pool,
-    since numpy's generators release the GIL.
+    index), whatever `start` and the batch size are.
     """
     if noise.is_clean:
         return None, None
-    count = shape[0]
-    mul = np.empty(shape, np.float32) if noise.sigma_mul > 0 else None
-    add = np.empty(shape, np.float32) if noise.sigma_add > 0 else None
+    parts = (noise.sigma_mul > 0, noise.sigma_add > 0)
+    return scale_noise(noise, *draw_standard(shape, seed, site_index, start, parts), dtype=dtype)
 
+
+def draw_standard(
+    shape: tuple[int, ...], seed: int, site_index: int, start: int, parts: tuple[bool, bool]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Draw the standard normal values behind `draw_noise`, before scaling.
+
+    `parts` says whether the multiplicative and the additive values are drawn. Scaling the same
+    draws by different σ (with `scale_noise`) gives exactly what `draw_noise` gives for each σ,
+    which lets allocations be compared on common random numbers. Blocks are drawn on a small
+    thread pool, since numpy's generators release the GIL.
+    """
+    count = shape[0]
+    z_mul = np.empty(shape, np.float32) if parts[0] else None
+    z_add = np.empty(shape, np.float32) if parts[1] else None
     blocks = range(start // NOISE_BLOCK, (start + count - 1) // NOISE_BLOCK + 1)
-    jobs = [(noise, seed, site_index, block, start, count, mul, add) for block in blocks]
+    jobs = [(seed, site_index, block, start, count, z_mul, z_add) for block in blocks]
     if len(jobs) > 1 and int(np.prod(shape)) >= _PARALLEL_ELEMENTS:
         list(_pool().map(_draw_block, jobs))
     else:
         for job in jobs:
             _draw_block(job)
+    return z_mul, z_add
 
+
+def scale_noise(
+    noise: SiteNoise, z_mul: np.ndarray | None, z_add: np.ndarray | None, dtype: np.dtype = np.float32
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Turn standard normal draws into (mul, add) for the given noise levels."""
+    mul = add = None
+    if noise.sigma_mul > 0:
+        mul = z_mul * np.float32(noise.sigma_mul)
+        mul += np.float32(1.0)
+    if noise.sigma_add > 0:
+        add = z_add * np.float32(noise.sigma_add)
     if noise.add_first and mul is not None and add is not None:
         add *= mul
     if np.dtype(dtype) != np.float32:
@@ -184,13 +208,13 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _draw_block(job: tuple) -> None:
-    """Fill one block's rows of `mul` and `add` in place.
+    """Fill one block's rows of the standard normal arrays in place.
 
     The whole block is always drawn, multiplicative part first, so a sample's values do not
     depend on which rows of the block the caller asked for.
     """
-    noise, seed, site_index, block, start, count, mul, add = job
-    target = mul if mul is not None else add
+    seed, site_index, block, start, count, z_mul, z_add = job
+    target = z_mul if z_mul is not None else z_add
     features = target.shape[1:]
     block_start = block * NOISE_BLOCK
     low = max(start, block_start)
@@ -198,15 +222,10 @@ def _draw_block(job: tuple) -> None:
     rows = slice(low - start, high - start)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, site_index, block])))
     buffer = np.empty((NOISE_BLOCK, *features), np.float32)
-    if mul is not None:
-        rng.standard_normal(dtype=np.float32, out=buffer)
-        part = buffer[low - block_start : high - block_start]
-        np.multiply(part, np.float32(noise.sigma_mul), out=mul[rows])
-        mul[rows] += np.float32(1.0)
-    if add is not None:
-        rng.standard_normal(dtype=np.float32, out=buffer)
-        part = buffer[low - block_start : high - block_start]
-        np.multiply(part, np.float32(noise.sigma_add), out=add[rows])
+    for values in (z_mul, z_add):
+        if values is not None:
+            rng.standard_normal(dtype=np.float32, out=buffer)
+            values[rows] = buffer[low - block_start : high - block_start]
 
 
 def apply_noise(x: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -> np.ndarray:

@@ -7,8 +7,9 @@ samples with even index) and keeps the best:
 
 1. The starting candidates (the 1/µ rule and the predicted optimum) are measured, and the
    better one becomes the incumbent, so the result is never ranked below the 1/µ rule.
-2. Moves shift one execution from one site to another. They are tried in the order of their
-   predicted gain, and the first move that raises the simulated accuracy is taken.
+2. Moves shift one execution from one site to another. They are measured in batches, in the
+   order of their predicted gain, and the best move of the first batch that raises the
+   simulated accuracy is taken.
 3. The search stops when a full pass over the moves finds no improvement, or when its time
    budget runs out.
 
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from wnplan.data import Dataset
-from wnplan.evaluate import evaluate_noisy
+from wnplan.evaluate import evaluate_allocations
 from wnplan.models import Model
 from wnplan.noise import SiteNoise, derive_seed
 
@@ -106,17 +107,27 @@ class AllocationSimulator:
     def evaluations(self) -> int:
         return len(self._cache)
 
-    def accuracy(self, counts: Sequence[int]) -> float:
-        """Return the mean accuracy of an allocation over the fixed draws."""
-        key = tuple(counts)
-        if key not in self._cache:
-            levels = {
-                index: self.levels(position, count)
-                for position, (index, count) in enumerate(zip(self.site_indices, counts, strict=True))
-            }
-            correct = [evaluate_noisy(self.model, self.data, levels, seed) for seed in self.seeds]
-            self._cache[key] = float(np.mean(correct)) / len(self.data)
-        return self._cache[key]
+    def accuracies(self, candidates: Sequence[Sequence[int]]) -> list[float]:
+        """Return the mean accuracy of each allocation over the fixed draws.
+
+        Allocations not measured before are measured together, on the same draws.
+        """
+        new = [tuple(counts) for counts in dict.fromkeys(tuple(counts) for counts in candidates)]
+        new = [counts for counts in new if counts not in self._cache]
+        if new:
+            level_sets = [
+                {
+                    index: self.levels(position, count)
+                    for position, (index, count) in enumerate(zip(self.site_indices, counts, strict=True))
+                }
+                for counts in new
+            ]
+            totals = np.zeros(len(new))
+            for seed in self.seeds:
+                totals += evaluate_allocations(self.model, self.data, level_sets, seed)
+            for counts, total in zip(new, totals, strict=True):
+                self._cache[counts] = float(total) / (len(self.seeds) * len(self.data))
+        return [self._cache[tuple(counts)] for counts in candidates]
 
 
 def refine(
@@ -127,6 +138,7 @@ def refine(
     maximum: int,
     time_budget: float,
     progress: Callable[[int], None] | None = None,
+    batch: int = 8,
 ) -> SearchResult:
     """Search for the allocation with the best simulated accuracy.
 
@@ -136,42 +148,53 @@ def refine(
         losses: `losses[i][k]` is site i's predicted loss with `minimum + k` executions,
             used to order the moves.
         minimum, maximum: bounds of each count.
-        time_budget: seconds after which no new move is tried.
+        time_budget: seconds after which no new batch of moves is tried.
         progress: called with the number of allocations measured so far.
+        batch: moves measured together on the same draws; the best improving one is taken.
     """
     deadline = time.monotonic() + time_budget
-    accuracies = {name: simulator.accuracy(counts) for name, counts in starts.items()}
+    names = list(starts)
+    measured = simulator.accuracies([starts[name] for name in names])
+    accuracies = dict(zip(names, measured, strict=True))
     # Ties keep the 1/µ rule: a move away from it must earn its place.
     best_name = max(accuracies, key=lambda name: (accuracies[name], name == "paper"))
     current = list(starts[best_name])
     current_accuracy = accuracies[best_name]
     result = SearchResult(current, best_name, dict(accuracies))
 
-    improved = True
-    while improved:
+    while True:
+        moves = _ranked_moves(current, losses, minimum, maximum)
         improved = False
-        for source, target in _ranked_moves(current, losses, minimum, maximum):
+        for first in range(0, len(moves), batch):
             if time.monotonic() > deadline:
                 result.stopped = "time budget"
-                improved = False
                 break
-            candidate = list(current)
-            candidate[source] -= 1
-            candidate[target] += 1
-            accuracy = simulator.accuracy(candidate)
+            group = moves[first : first + batch]
+            candidates = [_moved(current, source, target) for source, target in group]
+            scores = simulator.accuracies(candidates)
             if progress:
                 progress(simulator.evaluations)
-            if accuracy > current_accuracy:
-                logger.info("move %d → %d: %.4f → %.4f", source, target, current_accuracy, accuracy)
-                current, current_accuracy = candidate, accuracy
-                result.moves.append((source, target))
+            best = max(range(len(group)), key=lambda position: (scores[position], -position))
+            if scores[best] > current_accuracy:
+                logger.info("move %d → %d: %.4f → %.4f", *group[best], current_accuracy, scores[best])
+                current, current_accuracy = candidates[best], scores[best]
+                result.moves.append(group[best])
                 improved = True
                 break
+        if not improved:
+            break
 
     result.counts = current
     result.accuracies["result"] = current_accuracy
     result.evaluations = simulator.evaluations
     return result
+
+
+def _moved(counts: Sequence[int], source: int, target: int) -> list[int]:
+    moved = list(counts)
+    moved[source] -= 1
+    moved[target] += 1
+    return moved
 
 
 def _ranked_moves(

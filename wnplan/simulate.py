@@ -30,7 +30,7 @@ from wnplan._version import __version__
 from wnplan.accelerator import Accelerator
 from wnplan.data import Dataset, load_data
 from wnplan.errors import DataError, ModelError, SettingsError
-from wnplan.evaluate import evaluate_noisy
+from wnplan.evaluate import evaluate_allocations, evaluate_noisy
 from wnplan.models import Model, load_model
 from wnplan.noise import NoiseSpec, SiteNoise, derive_seed, site_noise
 from wnplan.quantize import Quantizer
@@ -92,6 +92,27 @@ def measure(
         accuracies.append(evaluate_noisy(model, data, levels, noise_seed, quantize=quantize) / len(data))
         if progress:
             progress()
+    return accuracies
+
+
+def measure_allocations(
+    model: Model,
+    data: Dataset,
+    level_sets: list[Mapping[int, SiteNoise]],
+    repeats: int,
+    seed: int,
+    quantize: Mapping[int, Quantizer] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """Return, per noise setting, the accuracy of each draw; all settings share draw r's values."""
+    accuracies: list[list[float]] = [[] for _ in level_sets]
+    for repeat in range(repeats):
+        noise_seed = derive_seed(seed, {"check": repeat})
+        correct = evaluate_allocations(model, data, level_sets, noise_seed, quantize=quantize)
+        for position, value in enumerate(correct):
+            accuracies[position].append(value / len(data))
+            if progress:
+                progress()
     return accuracies
 
 
@@ -189,10 +210,13 @@ def check(
         other = allocate(profile_record, _replace(baseline, method=method), profile_path=None)
         allocations[method] = _executions(other)
 
+    level_sets = [
+        {index: point.levels[index](count) for index, count in executions.items() if count > 0}
+        for executions in allocations.values()
+    ]
+    per_allocation = measure_allocations(model, data, level_sets, repeats, seed, quantizers, progress)
     results = {}
-    for name, executions in allocations.items():
-        levels = {index: point.levels[index](count) for index, count in executions.items() if count > 0}
-        accuracies = measure(model, data, levels, repeats, seed, quantizers, progress)
+    for (name, executions), accuracies in zip(allocations.items(), per_allocation, strict=True):
         results[name] = summarize(accuracies, len(data)) | {"executions": list(executions.values())}
     results["plan"]["predicted_accuracy"] = plan.get("predicted_accuracy")
     clean = measure(model, data, {}, 1, seed, quantizers)

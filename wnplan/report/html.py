@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from wnplan.report.extras import last_binarization, preserved_accuracy
 from wnplan.report.figures import DPI, RenderedFigure
 from wnplan.report.plan_plots import CHECK_ORDER, uniform_executions
 from wnplan.report.sources import (
@@ -20,9 +21,7 @@ from wnplan.report.sources import (
     ReportSources,
     curve_data,
     global_curves,
-    last_binarization,
     midpoint_text,
-    preserved_accuracy,
     sigma_label,
     site_curves,
 )
@@ -173,11 +172,21 @@ def _sites_table(profile: Mapping[str, Any]) -> str:
             row += [midpoint_text(fit) if fit else "not profiled", fit["status"] if fit else None]
             if trained:
                 row.append(preserved_accuracy(curve_data(curve), profile["clean"]["accuracy"]) if curve else None)
-            if fit and fit.get("reason"):
-                notes.append(f"{MODE_LABELS[mode]}: {fit['reason']}")
+            if fit:
+                notes += [f"{MODE_LABELS[mode]}: {note}" for note in _fit_notes(fit)]
         row.append("; ".join(notes))
         rows.append(row)
     return _table(headers, rows)
+
+
+def _fit_notes(fit: Mapping[str, Any]) -> list[str]:
+    """Return what a reader of µ needs to know beyond the status: the reason, a plateau, a second step."""
+    notes = [fit["reason"]] if fit.get("reason") else []
+    if fit.get("method") == "logistic-free-min":
+        notes.append(f"levels off at accuracy {fit['a_min']:.3g}, above chance, so µ is half-way to that level")
+    if fit.get("method") == "two-logistic" and fit.get("second_midpoint"):
+        notes.append(f"falls in two steps, second µ = {fit['second_midpoint']:.3g}")
+    return notes
 
 
 def _plan_summary(plan: Mapping[str, Any]) -> str:

@@ -8,8 +8,7 @@ directory, then from the folder of the file that names them).
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,77 +191,3 @@ def sigma_label(noise: Mapping[str, Any]) -> str:
 def additive_units(noise: Mapping[str, Any]) -> str:
     """Return the units of additive σ under a profile's noise reference."""
     return _ADDITIVE_UNITS.get(noise.get("reference", "absolute"), "absolute")
-
-
-# --- trained-mode extras ---
-
-
-def point_records(point: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Return a point's per-model extras as a list (one entry per trained model)."""
-    extras = point.get("records")
-    if extras is None:
-        return []
-    if isinstance(extras, Mapping):
-        return [dict(extras)]
-    if isinstance(extras, Sequence) and not isinstance(extras, str):
-        return [dict(item) for item in extras if isinstance(item, Mapping)]
-    raise FileFormatError(f"a point's 'records' must be an object or a list of objects, got {type(extras).__name__}")
-
-
-def weights_by_sigma(curve: CurveData) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Return σ values and, per layer, the mean |w| averaged over the models trained at each σ.
-
-    A layer missing at some σ gets NaN there, which matplotlib leaves as a gap.
-    """
-    rows: list[tuple[float, dict[str, float]]] = []
-    for point in curve.points:
-        tables = [extras["weights"] for extras in point_records(point) if isinstance(extras.get("weights"), Mapping)]
-        if not tables:
-            continue
-        layers = {name for table in tables for name in table}
-        rows.append((point["sigma"], {name: _mean(table.get(name) for table in tables) for name in layers}))
-    layers = sorted({name for _, table in rows for name in table})
-    sigmas = np.array([sigma for sigma, _ in rows], dtype=float)
-    return sigmas, {name: np.array([table.get(name, math.nan) for _, table in rows], dtype=float) for name in layers}
-
-
-def last_histogram(curve: CurveData) -> tuple[float, dict[str, Any]] | None:
-    """Return (σ, histogram) at the largest σ that has one; the first model's, if several."""
-    for point in reversed(curve.points):
-        for extras in point_records(point):
-            if isinstance(extras.get("histogram"), Mapping):
-                return point["sigma"], dict(extras["histogram"])
-    return None
-
-
-def last_binarization(curve: CurveData) -> tuple[float, dict[str, Any]] | None:
-    """Return (σ, self-binarization test) at the largest σ that has one, averaged over models.
-
-    `binarizes` is true only when the test marks every model as binarizing.
-    """
-    for point in reversed(curve.points):
-        extras = point_records(point)
-        tests = [entry["binarization"] for entry in extras if isinstance(entry.get("binarization"), Mapping)]
-        if tests:
-            merged = {
-                key: _mean(test.get(key) for test in tests)
-                for key in ("accuracy_2_levels", "accuracy_3_levels", "reference")
-            }
-            merged["binarizes"] = all(bool(test.get("binarizes")) for test in tests)
-            return point["sigma"], merged
-    return None
-
-
-def preserved_accuracy(curve: CurveData, clean: float) -> float | None:
-    """Return accuracy at the largest σ ÷ accuracy at σ = 0 (or `clean` without a σ = 0 point)."""
-    if len(curve.sigma) == 0:
-        return None
-    reference = float(curve.accuracy[0]) if curve.sigma[0] == 0 else clean
-    if reference <= 0:
-        return None
-    return float(curve.accuracy[-1]) / reference
-
-
-def _mean(values) -> float:
-    numbers = [float(value) for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    return float(np.mean(numbers)) if numbers else math.nan

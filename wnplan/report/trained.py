@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from wnplan.report.extras import Histogram, last_binarization, last_histograms, preserved_accuracy, weights_by_sigma
 from wnplan.report.figures import (
     LINESTYLES,
     MARKERS,
@@ -26,17 +27,7 @@ from wnplan.report.figures import (
     site_label,
     thin_log_ticks,
 )
-from wnplan.report.sources import (
-    MODE_LABELS,
-    MODES,
-    curve_data,
-    last_binarization,
-    last_histogram,
-    preserved_accuracy,
-    sigma_label,
-    site_curves,
-    weights_by_sigma,
-)
+from wnplan.report.sources import MODE_LABELS, MODES, curve_data, sigma_label, site_curves
 
 
 def trained_entries(profile: Mapping[str, Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -87,16 +78,19 @@ def weights_figure(profile: Mapping[str, Any], out_dir: Path) -> RenderedFigure 
 
 def histograms_figure(profile: Mapping[str, Any], out_dir: Path) -> RenderedFigure | None:
     """Draw activation histograms at each noisy site, on linear and on log axes."""
-    panels = [(site, found) for site, data in trained_entries(profile) if (found := last_histogram(data))]
+    panels = [(site, found) for site, data in trained_entries(profile) if (found := last_histograms(data))]
     if not panels:
         return None
+
     figure, axes = panel_grid(len(panels), 2, (3.4, 1.4), sharey=False, gap_y=0.8)
-    for (linear, logarithmic), (site, (sigma, histogram)) in zip(axes, panels, strict=True):
+    for (linear, logarithmic), (site, (sigma, histograms)) in zip(axes, panels, strict=True):
         title = f"{site_label(site)}, σ = {sigma:.3g}"
-        _draw_histogram(linear, histogram.get("edges"), histogram.get("counts"), log_axes=False)
+        _draw_histograms(linear, histograms, log_axes=False)
         linear.set_title(f"{title}: linear bins", fontsize=8)
-        _draw_histogram(logarithmic, histogram.get("log_edges"), histogram.get("log_counts"), log_axes=True)
+        _draw_histograms(logarithmic, histograms, log_axes=True)
         logarithmic.set_title(f"{title}: log bins", fontsize=8)
+    if len(panels[0][1][1]) > 1:
+        axes[0][0].legend(fontsize=6, loc="upper right")
     figure.supylabel("count", fontsize=9)
     caption = "Activations at each noisy site after noise-aware training, at the largest σ. "
     caption += "Two clusters, one near zero and one large, indicate self-binarization."
@@ -162,26 +156,46 @@ def preserved_figure(profile: Mapping[str, Any], out_dir: Path) -> RenderedFigur
     return save_figure(figure, out_dir, "trained-preserved", "Trained: preserved relative accuracy", caption)
 
 
-def _draw_histogram(ax, edges, counts, log_axes: bool) -> None:
-    if not edges or not counts or len(edges) != len(counts) + 1:
+def _draw_histograms(ax, histograms: list[Histogram], log_axes: bool) -> None:
+    """Draw the first histogram filled and any further one (values with noise) as an outline."""
+    drawn = []
+    for rank, histogram in enumerate(histograms):
+        edges, counts = (histogram.log_edges, histogram.log_counts) if log_axes else (histogram.edges, histogram.counts)
+        if not edges or not counts or len(edges) != len(counts) + 1:
+            continue
+        edges, counts = np.asarray(edges, dtype=float), np.asarray(counts, dtype=float)
+        if rank == 0:
+            style = {"fill": True, "facecolor": "0.78", "edgecolor": "0.35", "hatch": "//"}
+        else:
+            style = {"fill": False, "edgecolor": "black", "linewidth": 1.3}
+        ax.stairs(counts, edges, label=histogram.label, **style)
+        drawn.append((edges, counts))
+    ax.tick_params(labelsize=7, which="both")
+    if not drawn:
         ax.text(0.5, 0.5, "no histogram recorded", transform=ax.transAxes, ha="center", va="center", fontsize=8)
         return
-    edges = np.asarray(edges, dtype=float)
-    counts = np.asarray(counts, dtype=float)
-    ax.stairs(counts, edges, fill=True, facecolor="0.75", edgecolor="0.1", hatch="//" if log_axes else None)
-    ax.tick_params(labelsize=7)
     if not log_axes:
         ax.set_xlabel("activation value", fontsize=7)
         return
-    # Log bins are drawn on a log x axis when they are positive activation values. Bins that
-    # include values ≤ 0 are taken to be log10 values already and stay on a linear axis.
-    if np.all(edges > 0):
+
+    # Log bins are drawn on a log x axis, trimmed to the bins that hold values, when their edges
+    # are positive magnitudes. Edges ≤ 0 are taken to be log10 values already.
+    all_edges = np.concatenate([edges for edges, _ in drawn])
+    if np.all(all_edges > 0):
         ax.set_xscale("log")
         thin_log_ticks(ax.xaxis)
-        ax.set_xlabel("activation value (log axis)", fontsize=7)
+        occupied = [_occupied_range(edges, counts) for edges, counts in drawn if np.any(counts > 0)]
+        if occupied:
+            ax.set_xlim(min(low for low, _ in occupied) / 2, max(high for _, high in occupied) * 2)
+        ax.set_xlabel("activation magnitude |x| (log axis)", fontsize=7)
     else:
-        ax.set_xlabel("log10 of the activation value", fontsize=7)
-    if np.any(counts > 0):
+        ax.set_xlabel("log10 of the activation magnitude", fontsize=7)
+    if any(np.any(counts > 0) for _, counts in drawn):
         ax.set_yscale("log")
         plain_log_labels(ax.yaxis)
-    ax.tick_params(labelsize=7, which="both")
+
+
+def _occupied_range(edges: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Return the lowest and the highest edge of the bins that hold values."""
+    filled = np.flatnonzero(counts)
+    return float(edges[filled[0]]), float(edges[filled[-1] + 1])

@@ -106,10 +106,9 @@ def _check_operators(graph: onnx.GraphProto, source: str) -> None:
     if unsupported:
         found = ", ".join(unsupported)
         supported = ", ".join(SUPPORTED_OPS)
-        raise ModelError(
-            f"{source}: trained mode cannot convert the ONNX operators {found}; the converter supports "
-            f"only {supported}. Train from a .pt2 export of the model instead"
-        )
+        problem = f"{source}: trained mode cannot convert the ONNX operators {found}"
+        advice = "train from a .pt2 export of the model instead"
+        raise ModelError(f"{problem}; the converter supports only {supported}; {advice}")
 
 
 @dataclass
@@ -132,6 +131,9 @@ class _Builder:
         inputs = [value for value in self.onnx_graph.input if value.name not in self.constants]
         if not inputs or not self.onnx_graph.output:
             raise ModelError(f"{self.source}: the ONNX graph needs an input and an output")
+        if len(inputs) > 1:
+            names = [value.name for value in inputs]
+            raise ModelError(f"{self.source}: trained mode supports models with one input, found {names}")
         self.input_node = self.graph.placeholder(_safe_name(inputs[0].name))
         self.env[inputs[0].name] = self.input_node
 
@@ -167,10 +169,8 @@ class _Builder:
         """Return the constant value of an input that must be known when converting."""
         if name not in self.constants:
             label = f"{node.op_type} node {node.name or node.output[0]!r}"
-            raise ModelError(
-                f"{self.source}: {label} computes its {what} at run time, but trained mode needs it as a "
-                f"constant; re-export the model with constant shapes"
-            )
+            problem = f"{label} computes its {what} at run time, but trained mode needs it as a constant"
+            raise ModelError(f"{self.source}: {problem}; re-export the model with constant shapes")
         return self.constants[name]
 
     def _register(self, name: str) -> str:

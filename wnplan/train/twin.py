@@ -346,10 +346,8 @@ def _probe(twin: Twin, model: Model) -> int:
             ShapeProp(module).propagate(probe)
     except Exception as error:  # any operator can fail on an unexpected shape
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(
-            f"{model.path}: the trainable copy fails on a batch of 2 samples ({first}); export the model with "
-            f"a dynamic batch dimension"
-        ) from None
+        problem = f"the trainable copy fails on a batch of 2 samples ({first})"
+        raise ModelError(f"{model.path}: {problem}; export the model with a dynamic batch dimension") from None
     total = 0
     for node in module.graph.nodes:
         meta = node.meta.get("tensor_meta")
