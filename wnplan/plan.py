@@ -323,10 +323,15 @@ def _counts(profile, active, settings, point, losses, profile_path, progress) ->
     predicted = _predicted_counts(indices, losses, settings)
     if settings.search_budget <= 0:
         return predicted, {"performed": False, "reason": "--search-budget 0"}
-    return _search(profile, indices, settings, point, losses, paper, predicted, profile_path, progress)
+    # The effective-σ model's optimum, n_i ∝ σ_i/µ_i, is a third start; with the same σ at
+    # every site it is the 1/µ rule.
+    ratios = [point.profile_sigma[index] / mu for index, mu in zip(indices, midpoints, strict=True)]
+    variance = proportional_counts(ratios, settings.budget, settings.min_executions, settings.upper)
+    starts = {"paper": paper, "predicted": predicted, "variance": variance}
+    return _search(profile, indices, settings, point, losses, starts, profile_path, progress)
 
 
-def _search(profile, indices, settings, point, losses, paper, predicted, profile_path, progress):
+def _search(profile, indices, settings, point, losses, starts, profile_path, progress):
     from wnplan.search import SEARCH_HALF, AllocationSimulator, refine, split_half
     from wnplan.simulate import load_profile_inputs
 
@@ -338,7 +343,7 @@ def _search(profile, indices, settings, point, losses, paper, predicted, profile
         settings.search_repeats, settings.seed,
     )
     result = refine(
-        simulator, {"paper": paper, "predicted": predicted}, [losses[index] for index in indices],
+        simulator, starts, [losses[index] for index in indices],
         settings.min_executions, settings.upper, settings.search_budget, progress,
     )
     record = {"performed": True, "half": SEARCH_HALF, "samples": len(search_data), "repeats": settings.search_repeats}
@@ -377,15 +382,7 @@ def _plan_record(profile, sites, shields, counts, settings, point, fits, profile
             entry["note"] = note
         entries.append(entry)
 
-    clean = profile["clean"]["accuracy"]
-    predicted = None
-    if point is not None:
-        loss = sum(
-            max(0.0, float(predict_accuracy(fits[entry["index"]], 0.0)) - entry["predicted_accuracy"])
-            for entry in entries
-            if not entry["shield"]
-        )
-        predicted = float(max(profile["chance"], clean - loss))
+    predicted, prediction_method = (None, None) if point is None else predict_model(profile, entries, point)
     costs = {
         "execution": accelerator.execution_cost if accelerator else 1.0,
         "shielded": accelerator.shielded_cost if accelerator else None,
@@ -416,8 +413,43 @@ def _plan_record(profile, sites, shields, counts, settings, point, fits, profile
             costs["execution"] * int(sum(counts)) + (costs["shielded"] or 0.0) * len(shields),
         },
         "predicted_accuracy": predicted,
+        "prediction_method": prediction_method,
         "sites": entries,
     }
+
+
+def predict_model(
+    profile: dict[str, Any], entries: Sequence[dict[str, Any]], point: OperatingPoint
+) -> tuple[float, str]:
+    """Predict the whole model's accuracy under a plan, and name the model used.
+
+    With a global curve, the noise of all sites is folded into one effective global σ. To
+    second order, a site's accuracy loss grows as (σ_i/µ_i)², and such losses add up, so
+    s_eff² = Σ σ_i²/(n_i µ_i²) / Σ_global 1/µ_i², and the prediction is the global curve at s_eff.
+    The first sum runs over the noisy sites of the plan, the second over the sites the global
+    curve covered, so noise at normalization sites (left clean in global noise) counts as extra.
+    With the same σ at the global sites and one execution each, s_eff = σ and the prediction is
+    the measured global accuracy. Shielded sites add no noise. Without a global curve, the
+    per-site losses are added, which overstates the loss when many sites are noisy.
+    """
+    global_fit = (profile.get("global") or {}).get("fit")
+    in_global = {site["index"] for site in profile["sites"] if site.get("in_global")}
+    if global_fit is not None and global_fit.get("status") != "failed" and in_global:
+        numerator = denominator = 0.0
+        for entry in entries:
+            weight = 1.0 / entry["midpoint"] ** 2
+            if entry["index"] in in_global:
+                denominator += weight
+            if not entry["shield"]:
+                numerator += weight * point.profile_sigma[entry["index"]] ** 2 / max(entry["executions"], 1)
+        effective = math.sqrt(numerator / denominator)
+        return float(predict_accuracy(FitResult.from_dict(global_fit), effective)), "effective global sigma"
+
+    clean = profile["clean"]["accuracy"]
+    loss = sum(
+        max(0.0, clean - entry["predicted_accuracy"]) for entry in entries if not entry["shield"]
+    )
+    return float(max(profile["chance"], clean - loss)), "sum of site losses"
 
 
 def _site_prediction(profile, fit: FitResult, point: OperatingPoint | None, index: int, count: int, shielded: bool):

@@ -12,7 +12,7 @@ Addresses:
 - "local" starts a cluster on this machine that listens on 127.0.0.1 only, with usage
   statistics and the dashboard off. `close()` stops it.
 - "auto" joins a running cluster: the one RAY_ADDRESS names, or else the one that
-  `ray start` started on this machine.
+  `ray start` recorded on this machine.
 - HOST:PORT (or ray://HOST:PORT for Ray Client) joins the cluster whose head node listens
   there. A loopback HOST is used as written, not replaced by the machine's network address.
 
@@ -289,6 +289,7 @@ def join_cluster(ray: ModuleType, address: str, source: str) -> None:
     host, port = parse_address(address, source)
     _check_reachable(address, source, host, port)
     try:
+        # NOTE: no test covers ray:// (Ray Client), which also needs the ray[client] extra.
         with _loopback_node_address(ray, _is_loopback(host)):
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -40,6 +40,7 @@ class Histogram:
     counts: list[float] | None
     log_edges: list[float] | None
     log_counts: list[float] | None
+    zero: int | None = None  # values too small for the first log bin, such as exact zeros
 
 
 def point_records(point: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -128,7 +129,7 @@ def _histograms(extras: Mapping[str, Any]) -> list[Histogram]:
         linear = record.get("linear") or {}
         logarithmic = record.get("log_abs") or {}
         found.append(Histogram(label, linear.get("edges"), linear.get("counts"), logarithmic.get("edges"),
-                               logarithmic.get("counts")))
+                               logarithmic.get("counts"), logarithmic.get("zero")))
     return found
 
 

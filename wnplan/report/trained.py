@@ -85,12 +85,15 @@ def histograms_figure(profile: Mapping[str, Any], out_dir: Path) -> RenderedFigu
     figure, axes = panel_grid(len(panels), 2, (3.4, 1.4), sharey=False, gap_y=0.8)
     for (linear, logarithmic), (site, (sigma, histograms)) in zip(axes, panels, strict=True):
         title = f"{site_label(site)}, σ = {sigma:.3g}"
-        _draw_histograms(linear, histograms, log_axes=False)
-        linear.set_title(f"{title}: linear bins", fontsize=8)
+        # Values with noise can be orders of magnitude wider than without, which would squeeze
+        # the clusters of the trained network into one bin, so linear bins show the first only.
+        _draw_histograms(linear, histograms[:1], log_axes=False)
+        shown = f"{histograms[0].label}, " if len(histograms) > 1 else ""
+        linear.set_title(f"{title}: {shown}linear bins", fontsize=8)
         _draw_histograms(logarithmic, histograms, log_axes=True)
         logarithmic.set_title(f"{title}: log bins", fontsize=8)
-    if len(panels[0][1][1]) > 1:
-        axes[0][0].legend(fontsize=6, loc="upper right")
+        if len(histograms) > 1:
+            logarithmic.legend(fontsize=6, loc="upper right")
     figure.supylabel("count", fontsize=9)
     caption = "Activations at each noisy site after noise-aware training, at the largest σ. "
     caption += "Two clusters, one near zero and one large, indicate self-binarization."
@@ -193,6 +196,9 @@ def _draw_histograms(ax, histograms: list[Histogram], log_axes: bool) -> None:
     if any(np.any(counts > 0) for _, counts in drawn):
         ax.set_yscale("log")
         plain_log_labels(ax.yaxis)
+    zeros = [f"{histogram.zero} {histogram.label}" for histogram in histograms if histogram.zero]
+    if zeros:
+        ax.text(0.02, 0.95, "at 0: " + ", ".join(zeros), transform=ax.transAxes, ha="left", va="top", fontsize=6)
 
 
 def _occupied_range(edges: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
