@@ -118,6 +118,9 @@ def profile(
     relative: Annotated[str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")] = None,
     fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "linear",
     global_include_norm: Annotated[bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")] = False,
+    screen_samples: Annotated[int, typer.Option(help="Adaptive grid: locate each curve's fall on this many evenly spread samples first; 0 uses all data.")] = 1000,
+    target_error: Annotated[float, typer.Option(help="Adaptive grid: add repeats near µ until its standard error is below this fraction of µ; 0 turns it off.")] = 0.05,
+    max_trials: Annotated[int, typer.Option(help="The most trials one curve (site or global) may run.")] = 200,
     grid: Annotated[bool, typer.Option("--grid", help="With --noise mixed and --sites: map accuracy over σ_mul × σ_add (log grids, both orders) instead of curves.")] = False,
     normalize: Annotated[str | None, typer.Option(help="MEAN,STD applied after scaling images to [0, 1]. Default: the model's declaration.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
@@ -142,7 +145,7 @@ def profile(
     settings = ProfileSettings(
         noise=spec, scope=scope, sites=sites_selection, mode=mode, repeats=repeats,
         sigmas=_parse_sigmas(sigmas), seed=seed, fit_space=fit_space, global_include_norm=global_include_norm,
-        maps=grid,
+        maps=grid, screen_samples=screen_samples, target_error=target_error, max_trials=max_trials,
     )
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
@@ -352,6 +355,27 @@ def export_onnx(
     plan = records.read_record(plan_path, "plan")
     annotated = export_plan_to_onnx(plan, model, out)
     stderr.print(f"wrote {out} ({annotated} nodes annotated)")
+
+
+@app.command()
+def report(
+    source: Annotated[Path | None, typer.Argument(metavar="[FILE]", help="A profile, plan or check file. Default: the first of wnplan-check.json, wnplan-plan.json, wnplan-profile.json that exists.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the figures (PNG and SVG) and report.html.")] = Path("wnplan-report"),
+    terminal: Annotated[bool, typer.Option("--terminal", help="Print a text bar chart of µ per site instead of writing files.")] = False,
+) -> None:
+    """Draw the profile, plan and check: figures (PNG, SVG) and a self-contained report.html."""
+    from wnplan.report import load_sources, terminal_chart, write_report
+
+    if source is None:
+        candidates = [records.DEFAULT_PATHS[kind] for kind in ("check", "plan", "profile")]
+        source = next((path for path in candidates if path.is_file()), None)
+        if source is None:
+            raise SettingsError("no wnplan-check.json, wnplan-plan.json or wnplan-profile.json here; pass a FILE")
+    if terminal:
+        stdout.print(terminal_chart(load_sources(source).profile), markup=False, highlight=False)
+        return
+    written = write_report(source, out)
+    stderr.print(f"wrote {len(written)} files to {out}; open {out / 'report.html'}")
 
 
 def _print_check(result: dict) -> None:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SAMPLES = 2048
 CACHE_BYTES = 1 << 30  # clean suffix inputs kept in memory per site; above this they are recomputed
+BATCH_BYTES = 64 << 20  # stacked suffix inputs of several trials in one run
 
 
 def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
@@ -113,12 +114,17 @@ def evaluate_allocations(
 class InferenceEvaluator:
     """Runs inference-only trials of one model and data set.
 
+    Walking trials reuse the clean values at their site, and several trials are stacked
+    along the batch axis into one suffix run, up to `batch_bytes` of inputs per run.
+
     Args:
         model: the model.
         data: evaluation data.
         noise: the noise model.
         scales: per-site reference statistic for relative σ (1.0 for absolute σ).
         seed_of: the noise seed of a trial.
+        chunk_samples: samples per forward pass of one trial.
+        batch_bytes: memory cap of the stacked suffix inputs of one run.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class InferenceEvaluator:
         scales: Mapping[int, float],
         seed_of: Callable[[Trial], int],
         chunk_samples: int = CHUNK_SAMPLES,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self.model = model
         self.data = data
@@ -136,12 +143,22 @@ class InferenceEvaluator:
         self.scales = scales
         self.seed_of = seed_of
         self.chunk_samples = chunk_samples
+        self.batch_bytes = batch_bytes
+        self._subsets: dict[int, Dataset] = {}
         self._suffix_site: int | None = None
         self._suffix = None
-        self._cache: dict[int, list[np.ndarray]] = {}
+        self._cache: dict[tuple[int | None, int], list[np.ndarray]] = {}
 
     def levels(self, trial: Trial) -> dict[int, SiteNoise]:
         return {index: trial_noise(self.noise, trial, self.scales.get(index, 1.0)) for index in trial.sites}
+
+    def data_for(self, trial: Trial) -> Dataset:
+        """Return the trial's data: all of it, or an evenly strided subset of `trial.samples`."""
+        if trial.samples is None or trial.samples >= len(self.data):
+            return self.data
+        if trial.samples not in self._subsets:
+            self._subsets[trial.samples] = strided_subset(self.data, trial.samples)
+        return self._subsets[trial.samples]
 
     def run_group(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
         """Yield one result per trial, in order; walking trials must share their site."""
@@ -150,8 +167,9 @@ class InferenceEvaluator:
             return
         for trial in trials:
             started = time.perf_counter()
-            correct = evaluate_noisy(self.model, self.data, self.levels(trial), self.seed_of(trial), self.chunk_samples)
-            yield TrialResult(correct, len(self.data), seconds=time.perf_counter() - started)
+            data = self.data_for(trial)
+            correct = evaluate_noisy(self.model, data, self.levels(trial), self.seed_of(trial), self.chunk_samples)
+            yield TrialResult(correct, len(data), seconds=time.perf_counter() - started)
 
     def _walking(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
         (site,) = trials[0].sites
@@ -159,26 +177,66 @@ class InferenceEvaluator:
             # Only one site's suffix and clean values are kept, since sweeps finish a site
             # before moving to the next.
             self._suffix_site, self._suffix, self._cache = site, self.model.suffix(site), {}
-        suffix = self._suffix
-        starts = range(0, len(self.data), self.chunk_samples)
-        cache = self._cache
-        cached_bytes = sum(value.nbytes for values in cache.values() for value in values)
 
-        for trial in trials:
+        # Trials on the same data are measured together; results keep the trials' order.
+        results: dict[int, TrialResult] = {}
+        by_data: dict[int | None, list[int]] = {}
+        for position, trial in enumerate(trials):
+            by_data.setdefault(trial.samples if trial.samples and trial.samples < len(self.data) else None, []).append(position)
+        for samples, positions in by_data.items():
             started = time.perf_counter()
-            level = trial_noise(self.noise, trial, self.scales.get(site, 1.0))
-            seed = self.seed_of(trial)
-            correct = 0
-            for start in starts:
-                boundary = cache.get(start)
-                if boundary is None:
-                    boundary = suffix.prepare(self.data.x[start : start + self.chunk_samples])
-                    size = sum(value.nbytes for value in boundary)
-                    if cached_bytes + size <= CACHE_BYTES:
-                        cache[start] = boundary
-                        cached_bytes += size
-                value = boundary[0]
-                mul, add = draw_noise(level, value.shape, seed, site, start, value.dtype)
-                logits = suffix.run(boundary, apply_noise(value, mul, add))
-                correct += count_correct(logits, self.data.y[start : start + self.chunk_samples])
-            yield TrialResult(correct, len(self.data), seconds=time.perf_counter() - started)
+            group = [trials[position] for position in positions]
+            counts, total = self._walking_counts(site, samples, group)
+            seconds = (time.perf_counter() - started) / len(group)
+            for position, correct in zip(positions, counts, strict=True):
+                results[position] = TrialResult(correct, total, seconds=seconds)
+        for position in range(len(trials)):
+            yield results[position]
+
+    def _walking_counts(self, site: int, samples: int | None, trials: Sequence[Trial]) -> tuple[list[int], int]:
+        data = self.data_for(trials[0])
+        suffix = self._suffix
+        levels = [trial_noise(self.noise, trial, self.scales.get(site, 1.0)) for trial in trials]
+        seeds = [self.seed_of(trial) for trial in trials]
+        correct = [0] * len(trials)
+        for start in range(0, len(data), self.chunk_samples):
+            boundary = self._boundary(site, samples, start, data)
+            labels = data.y[start : start + self.chunk_samples]
+            per_trial = sum(value.nbytes for value in boundary)
+            width = max(1, min(len(trials), self.batch_bytes // max(per_trial, 1)))
+            for first in range(0, len(trials), width):
+                batch = range(first, min(first + width, len(trials)))
+                logits = self._run_stacked(suffix, boundary, [levels[i] for i in batch], [seeds[i] for i in batch], site, start)
+                rows = boundary[0].shape[0]
+                for offset, index in enumerate(batch):
+                    correct[index] += count_correct(logits[offset * rows : (offset + 1) * rows], labels)
+        return correct, len(data)
+
+    def _boundary(self, site: int, samples: int | None, start: int, data: Dataset) -> list[np.ndarray]:
+        key = (samples, start)
+        boundary = self._cache.get(key)
+        if boundary is None:
+            boundary = self._suffix.prepare(data.x[start : start + self.chunk_samples])
+            cached = sum(value.nbytes for values in self._cache.values() for value in values)
+            if cached + sum(value.nbytes for value in boundary) <= CACHE_BYTES:
+                self._cache[key] = boundary
+        return boundary
+
+    @staticmethod
+    def _run_stacked(suffix, boundary, levels, seeds, site, start) -> np.ndarray:
+        """Run the suffix once for several trials, their noisy site values stacked on axis 0."""
+        value = boundary[0]
+        noisy = []
+        for level, seed in zip(levels, seeds, strict=True):
+            mul, add = draw_noise(level, value.shape, seed, site, start, value.dtype)
+            noisy.append(apply_noise(value, mul, add))
+        if len(noisy) == 1:
+            return suffix.run(boundary, noisy[0])
+        stacked = [np.concatenate(noisy)] + [np.concatenate([other] * len(noisy)) for other in boundary[1:]]
+        return suffix.run(stacked, stacked[0])
+
+
+def strided_subset(data: Dataset, samples: int) -> Dataset:
+    """Return `samples` samples spread evenly over the data set (every k-th sample)."""
+    step = max(1, len(data) // samples)
+    return data.subset(np.arange(0, step * samples, step)[:samples], f"[every {step}th, {samples} samples]")

@@ -21,7 +21,7 @@ from wnplan.data import Dataset, load_data, parse_normalize
 from wnplan.errors import DataError, ModelError, SettingsError
 from wnplan.evaluate import InferenceEvaluator
 from wnplan.executors import EvaluationJob, Executor, InProcessExecutor, ProcessPoolExecutor
-from wnplan.fit import CurvePoint, fit_curve
+from wnplan.fit import fit_curve
 from wnplan.models import Model, load_model, read_declaration
 from wnplan.noise import NoiseSpec
 from wnplan.sites import select_sites
@@ -51,6 +51,11 @@ class ProfileSettings:
         global_include_norm: also put global noise on normalization sites.
         maps: instead of curves, measure mixed-noise maps (σ_mul × σ_add, both orders) at the
             selected sites; needs mixed noise and a site selection.
+        screen_samples: with the adaptive grid, locate each curve's fall on this many evenly
+            strided samples before measuring on all data; 0 screens on all data.
+        target_error: with the adaptive grid, add repeats near µ until its standard error is
+            below this fraction of µ; 0 stops once the crossing is bracketed.
+        max_trials: the most trials one curve may run.
     """
 
     noise: NoiseSpec = field(default_factory=NoiseSpec)
@@ -63,6 +68,9 @@ class ProfileSettings:
     fit_space: str = "linear"
     global_include_norm: bool = False
     maps: bool = False
+    screen_samples: int = 1000
+    target_error: float = 0.05
+    max_trials: int = 200
 
     def __post_init__(self) -> None:
         _check_choice("--scope", self.scope, SCOPES)
@@ -72,6 +80,12 @@ class ProfileSettings:
             raise SettingsError("--grid maps mixed noise: pass --noise mixed with --grid")
         if self.maps and not self.sites:
             raise SettingsError("--grid needs --sites: each map costs a full σ_mul × σ_add grid per site")
+        if self.screen_samples < 0:
+            raise SettingsError(f"invalid --screen-samples {self.screen_samples}: expected 0 or more")
+        if not 0.0 <= self.target_error < 1.0:
+            raise SettingsError(f"invalid --target-error {self.target_error}: expected a fraction in [0, 1), such as 0.05")
+        if self.max_trials < 1:
+            raise SettingsError(f"invalid --max-trials {self.max_trials}: expected at least 1")
         if self.repeats < 1:
             raise SettingsError(f"invalid --repeats {self.repeats}: expected at least 1")
         if self.sigmas is not None:
@@ -147,21 +161,35 @@ def clean_accuracy(model: Model, data: Dataset) -> tuple[int, int]:
 
 
 def build_curves(
-    model: Model, settings: ProfileSettings, a_max: float, a_min: float
+    model: Model, settings: ProfileSettings, clean: tuple[int, int], classes: int
 ) -> tuple[list[Curve], Curve | None]:
-    """Return the walking curves of the selected sites and the global curve, if requested."""
+    """Return the walking curves of the selected sites and the global curve, if requested.
+
+    Args:
+        model: the model.
+        settings: what to measure.
+        clean: (correct, samples) of the clean model on the evaluation data.
+        classes: number of classes K; chance accuracy is 1/K.
+    """
+    correct, samples = clean
     grid = tuple(sorted({round_sigma(sigma) for sigma in settings.sigmas})) if settings.sigmas else None
+    # Screening pays off only when the subset is much smaller than the data.
+    screen = settings.screen_samples if 0 < settings.screen_samples * 2 <= samples else None
+
+    def curve(scope: str, indices: tuple[int, ...]) -> Curve:
+        names = tuple(model.sites[index].name for index in indices)
+        return Curve(
+            scope, indices, names, correct / samples, 1.0 / classes, grid, clean,
+            screen_samples=screen, target_error=settings.target_error or None,
+            max_trials=settings.max_trials, fit_space=settings.fit_space,
+        )
+
     walking: list[Curve] = []
     if settings.scope in ("walking", "both"):
-        for index in select_sites(model.sites, settings.sites):
-            site = model.sites[index]
-            walking.append(Curve("walking", (index,), (site.name,), a_max, a_min, grid))
-
+        walking = [curve("walking", (index,)) for index in select_sites(model.sites, settings.sites)]
     global_curve = None
     if settings.scope in ("global", "both"):
-        noisy = global_sites(model, settings.global_include_norm)
-        names = tuple(model.sites[index].name for index in noisy)
-        global_curve = Curve("global", tuple(noisy), names, a_max, a_min, grid)
+        global_curve = curve("global", tuple(global_sites(model, settings.global_include_norm)))
     return walking, global_curve
 
 
@@ -221,12 +249,11 @@ def profile(
 
     loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
     correct, classes = clean_accuracy(loaded, dataset)
-    a_max, a_min = correct / len(dataset), 1.0 / classes
     statistics = site_statistics(loaded, dataset)
     if settings.maps:
         walking, global_curve, maps = [], None, build_maps(loaded, settings)
     else:
-        walking, global_curve = build_curves(loaded, settings, a_max, a_min)
+        walking, global_curve = build_curves(loaded, settings, (correct, len(dataset)), classes)
         maps = []
     curves = walking + ([global_curve] if global_curve else []) + maps
 
@@ -310,12 +337,12 @@ def _profile_record(
         entry["normalization"] = site.is_normalization
         entry["in_global"] = site.index in global_members
         curve = by_site.get(site.index)
-        entry["walking"] = _curve_record(curve, classes, settings.fit_space, (correct, len(dataset))) if curve else None
+        entry["walking"] = _curve_record(curve, classes, settings.fit_space) if curve else None
         sites.append(entry)
 
     global_record = None
     if global_curve is not None:
-        global_record = _curve_record(global_curve, classes, settings.fit_space, (correct, len(dataset)))
+        global_record = _curve_record(global_curve, classes, settings.fit_space)
         global_record["sites"] = list(global_curve.sites)
 
     return {
@@ -336,6 +363,9 @@ def _profile_record(
             "site_selection": settings.sites,
             "global_include_norm": settings.global_include_norm,
             "maps": settings.maps,
+            "screen_samples": settings.screen_samples,
+            "target_error": settings.target_error,
+            "max_trials": settings.max_trials,
         },
         "classes": classes,
         "chance": 1.0 / classes,
@@ -345,16 +375,13 @@ def _profile_record(
     }
 
 
-def _curve_record(curve: Curve, classes: int, fit_space: str, clean: tuple[int, int]) -> dict[str, Any]:
-    """Return a curve's points and fit; the clean model is the point at σ = 0."""
-    correct, samples = clean
-    clean_point = {
-        "sigma": 0.0, "accuracy": correct / samples, "stderr": 0.0, "samples": samples, "repeats": 1, "reason": "clean",
-    }
-    points = [clean_point, *curve.points()]
-    fit_points = [CurvePoint(0.0, correct / samples, 0.0, samples, 1), *curve.curve_points()]
-    fit = fit_curve(fit_points, chance=1.0 / classes, space=fit_space)
-    return {"points": points, "fit": fit.to_dict()}
+def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
+    """Return a curve's points (the clean model is the point at σ = 0) and its fit.
+
+    Points screened on a data subset are listed but left out of the fit.
+    """
+    fit = fit_curve(curve.curve_points(), chance=1.0 / classes, space=fit_space)
+    return {"points": curve.points(), "fit": fit.to_dict()}
 
 
 def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
@@ -366,7 +393,7 @@ def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
     if settings.maps:
         maps = build_maps(model, settings)
         return len(maps) * len(maps[0].sigmas_mul) * len(maps[0].sigmas_add) * settings.repeats, True
-    walking, global_curve = build_curves(model, settings, 1.0, 0.0)
+    walking, global_curve = build_curves(model, settings, (1, 1), 2)
     curves = len(walking) + (1 if global_curve else 0)
     if settings.sigmas:
         return curves * len(set(settings.sigmas)) * settings.repeats, True
