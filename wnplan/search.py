@@ -7,9 +7,9 @@ samples with even index) and keeps the best:
 
 1. The starting candidates (the 1/µ rule and the predicted optimum) are measured, and the
    better one becomes the incumbent, so the result is never ranked below the 1/µ rule.
-2. Moves shift one execution from one site to another. They are measured in batches, in the
-   order of their predicted gain, and the best move of the first batch that raises the
-   simulated accuracy is taken.
+2. Moves shift one execution (then two) from one site to another. They are measured in
+   batches, in the order of their predicted gain, and the best move of the first batch that
+   raises the simulated accuracy is taken.
 3. The search stops when a full pass over the moves finds no improvement, or when its time
    budget runs out.
 
@@ -36,6 +36,7 @@ from wnplan.noise import SiteNoise, derive_seed
 logger = logging.getLogger(__name__)
 
 SEARCH_HALF = "even"
+MOVE_SIZES = (1, 2)
 HOLDOUT_HALF = "odd"
 
 
@@ -54,7 +55,7 @@ class SearchResult:
         start: name of the starting candidate that won ("paper" or "predicted").
         accuracies: simulated search-half accuracy of each starting candidate and the result.
         evaluations: allocations measured.
-        moves: moves taken, as (from site position, to site position).
+        moves: moves taken, as (from site position, to site position, executions moved).
         stopped: why the search ended ("converged" or "time budget").
     """
 
@@ -62,7 +63,7 @@ class SearchResult:
     start: str
     accuracies: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
-    moves: list[tuple[int, int]] = field(default_factory=list)
+    moves: list[tuple[int, int, int]] = field(default_factory=list)
     stopped: str = "converged"
 
     def to_dict(self, site_indices: Sequence[int]) -> dict[str, Any]:
@@ -70,7 +71,10 @@ class SearchResult:
             "start": self.start,
             "search_accuracy": self.accuracies,
             "evaluations": self.evaluations,
-            "moves": [{"from": site_indices[a], "to": site_indices[b]} for a, b in self.moves],
+            "moves": [
+                {"from": site_indices[source], "to": site_indices[target], "executions": amount}
+                for source, target, amount in self.moves
+            ],
             "stopped": self.stopped,
         }
 
@@ -170,13 +174,13 @@ def refine(
                 result.stopped = "time budget"
                 break
             group = moves[first : first + batch]
-            candidates = [_moved(current, source, target) for source, target in group]
+            candidates = [_moved(current, move) for move in group]
             scores = simulator.accuracies(candidates)
             if progress:
                 progress(simulator.evaluations)
             best = max(range(len(group)), key=lambda position: (scores[position], -position))
             if scores[best] > current_accuracy:
-                logger.info("move %d → %d: %.4f → %.4f", *group[best], current_accuracy, scores[best])
+                logger.info("move %s: %.4f → %.4f", group[best], current_accuracy, scores[best])
                 current, current_accuracy = candidates[best], scores[best]
                 result.moves.append(group[best])
                 improved = True
@@ -190,26 +194,34 @@ def refine(
     return result
 
 
-def _moved(counts: Sequence[int], source: int, target: int) -> list[int]:
+def _moved(counts: Sequence[int], move: tuple[int, int, int]) -> list[int]:
+    source, target, amount = move
     moved = list(counts)
-    moved[source] -= 1
-    moved[target] += 1
+    moved[source] -= amount
+    moved[target] += amount
     return moved
 
 
 def _ranked_moves(
     counts: Sequence[int], losses: Sequence[Sequence[float]], minimum: int, maximum: int
-) -> list[tuple[int, int]]:
-    """Return moves (source, target) ordered by predicted gain, best first."""
-    moves = []
-    for source, source_count in enumerate(counts):
-        if source_count <= minimum:
-            continue
-        cost = losses[source][source_count - 1 - minimum] - losses[source][source_count - minimum]
-        for target, target_count in enumerate(counts):
-            if target == source or target_count >= maximum:
+) -> list[tuple[int, int, int]]:
+    """Return moves (source, target, amount) ordered by predicted gain, best first.
+
+    Single executions are moved first; moves of two executions follow, so a pass can step
+    over a neighbour that is no better.
+    """
+    ranked = []
+    for amount in MOVE_SIZES:
+        moves = []
+        for source, source_count in enumerate(counts):
+            if source_count - amount < minimum:
                 continue
-            gain = losses[target][target_count - minimum] - losses[target][target_count + 1 - minimum]
-            moves.append((gain - cost, source, target))
-    moves.sort(key=lambda move: (-move[0], move[1], move[2]))
-    return [(source, target) for _, source, target in moves]
+            cost = losses[source][source_count - amount - minimum] - losses[source][source_count - minimum]
+            for target, target_count in enumerate(counts):
+                if target == source or target_count + amount > maximum:
+                    continue
+                gain = losses[target][target_count - minimum] - losses[target][target_count + amount - minimum]
+                moves.append((gain - cost, source, target))
+        moves.sort(key=lambda move: (-move[0], move[1], move[2]))
+        ranked.extend((source, target, amount) for _, source, target in moves)
+    return ranked
