@@ -112,7 +112,17 @@ def profile(
     mix_ratio: Annotated[float, typer.Option(help="Mixed noise ratio r: σ_add = A·r, σ_mul = A·(1−r).")] = 0.5,
     scope: Annotated[str, typer.Option(help="walking (one site at a time), global (all sites at once) or both. The global midpoint is check's default σ.")] = "both",
     sites_selection: Annotated[str | None, typer.Option("--sites", help="Sites for walking noise: indices, ranges (2-5), names or op types, comma-separated. Default: all.")] = None,
-    mode: Annotated[str, typer.Option(help="inference: the clean-trained model runs with noise.")] = "inference",
+    mode: Annotated[str, typer.Option(help="inference: the clean-trained model runs with noise; trained: each point fine-tunes (or trains) a copy with that noise; both.")] = "inference",
+    train_data: Annotated[str | None, typer.Option(help="Trained mode: training data, in the forms of --data. Default: the :train split of a built-in --data.")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="Trained mode: use only the first N training samples.")] = None,
+    epochs: Annotated[int, typer.Option(help="Trained mode: epochs per trained model.")] = 1,
+    lr: Annotated[float, typer.Option(help="Trained mode: (peak) learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Trained mode: samples per training step.")] = 128,
+    optimizer: Annotated[str, typer.Option(help="Trained mode: adam or sgd.")] = "adam",
+    schedule: Annotated[str, typer.Option(help="Trained mode: cosine or none.")] = "cosine",
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Trained mode: re-initialise the weights instead of fine-tuning them.")] = False,
+    clamp_weights: Annotated[float | None, typer.Option(help="Trained mode: clamp conv/linear weights (not BatchNorm, not biases) to [−C, C] after each step.")] = None,
+    grad: Annotated[str, typer.Option(help="Trained mode: forward-only (noise ignored by the backward pass) or autograd.")] = "forward-only",
     repeats: Annotated[int, typer.Option(help="Independent noise draws per σ.")] = 3,
     sigmas: Annotated[str | None, typer.Option(help="σ values to run exactly, comma-separated. Default: an adaptive log grid.")] = None,
     relative: Annotated[str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")] = None,
@@ -126,11 +136,11 @@ def profile(
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each trial's noise derives from it and the trial's identity.")] = 0,
     out: Annotated[Path, typer.Option(help="Profile file to write.")] = records.DEFAULT_PATHS["profile"],
-    store: Annotated[Path, typer.Option(help="SQLite store of finished trials, for resuming.")] = DEFAULT_STORE,
+    store: Annotated[str, typer.Option(help="SQLite store of finished trials, for resuming; none keeps results in memory only.")] = str(DEFAULT_STORE),
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and measure again.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")] = False,
     threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch. Default: the libraries' own; 1 per worker with --workers.")] = None,
-    workers: Annotated[int, typer.Option(help="Run trials in N local worker processes (0: in this process).")] = 0,
+    workers: Annotated[int, typer.Option(help="Run trials in N local worker processes (0: in this process); with --ray, the number of Ray workers.")] = 0,
     ray: Annotated[str | None, typer.Option(help="Run trials on a Ray cluster: auto (join a running one), local (start one on 127.0.0.1), or HOST:PORT.")] = None,
     factory: FactoryOption = None,
     trust: TrustOption = False,
@@ -146,6 +156,8 @@ def profile(
         noise=spec, scope=scope, sites=sites_selection, mode=mode, repeats=repeats,
         sigmas=_parse_sigmas(sigmas), seed=seed, fit_space=fit_space, global_include_norm=global_include_norm,
         maps=grid, screen_samples=screen_samples, target_error=target_error, max_trials=max_trials,
+        training=_training_settings(mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit),
+        train_data=train_data,
     )
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
@@ -158,7 +170,7 @@ def profile(
     with _progress("profiling") as advance:
         record = run_profile(
             model, data, settings, normalize=normalize, limit=limit, factory=factory, trust=trust,
-            store=store, fresh=fresh, progress=advance,
+            store=None if store == "none" else store, fresh=fresh, progress=advance,
             execution=Execution(workers=workers, ray=ray, factory=factory, trust=trust),
         )
     records.write_record(record, "profile", out)
@@ -167,6 +179,17 @@ def profile(
     else:
         _print_profile(record)
         stderr.print(f"wrote {out}")
+
+
+def _training_settings(mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit):
+    if mode == "inference":
+        return None
+    from wnplan.train.trainer import TrainingSettings
+
+    return TrainingSettings(
+        epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, schedule=schedule,
+        from_scratch=from_scratch, clamp_weights=clamp_weights, grad=grad, train_limit=train_limit,
+    )
 
 
 def _estimate_seconds(loaded, dataset) -> float:
@@ -182,14 +205,25 @@ def _estimate_seconds(loaded, dataset) -> float:
 def _print_profile(record: dict) -> None:
     clean = record["clean"]
     table = Table(title=f"{record['model']['path']}: clean accuracy {clean['accuracy']:.4f} on {clean['samples']} samples")
-    for column in ("site", "name", "op", "µ", "± error", "status"):
-        table.add_column(column, justify="right" if column in ("site", "µ", "± error") else "left")
+    both = record["settings"]["mode"] == "both"
+    columns = ["site", "name", "op", "µ", "± error", "status"]
+    if both:
+        columns += ["trained µ", "± error ", "trained status"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("name", "op", "status", "trained status") else "right")
     for site in record["sites"]:
         if site["walking"] is None:
             continue
-        table.add_row(str(site["index"]), site["name"], site["op"], *_fit_cells(site["walking"]["fit"]))
+        cells = [*_fit_cells(site["walking"]["fit"])]
+        if both:
+            cells += [*_fit_cells(site["trained"]["fit"])] if site.get("trained") else ["—", "—", ""]
+        table.add_row(str(site["index"]), site["name"], site["op"], *cells)
     if record["global"] is not None:
-        table.add_row("all", "global", "", *_fit_cells(record["global"]["fit"]))
+        cells = [*_fit_cells(record["global"]["fit"])]
+        if both:
+            trained = record["global"].get("trained")
+            cells += [*_fit_cells(trained["fit"])] if trained else ["—", "—", ""]
+        table.add_row("all", "global", "", *cells)
     if table.row_count:
         stdout.print(table)
     for grid in record.get("maps", []):

@@ -18,8 +18,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,15 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 BUILTIN_NAMES = ("fashion-mnist", "digits")
 SPLITS = ("test", "train")
 DIGITS_TEST_FRACTION = 0.2
+
+# What numpy raises for damaged or hostile .npz archives: zip and zlib errors, bad array
+# headers (ValueError), short members (EOFError, ValueError), and huge declared shapes.
+_NPZ_ERRORS = (
+    ValueError, OSError, EOFError, KeyError, struct.error, zipfile.BadZipFile, zlib.error,
+    NotImplementedError, OverflowError, MemoryError, TypeError,
+)
+# Labels beyond this magnitude lose precision as float64 and cannot be class indices.
+_MAX_LABEL = 2**53
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -173,23 +185,29 @@ def _read_raw(spec: str, default_split: str) -> tuple[np.ndarray, np.ndarray, st
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise DataError(
-                    f"{path}: missing array {missing[0]!r}; a .npz data file needs arrays 'x' "
-                    f"(samples) and 'y' (labels), found {sorted(archive.files)}"
-                )
+        loaded = np.load(path, allow_pickle=False)
+    except _NPZ_ERRORS as error:
+        raise DataError(f"{path}: not a readable .npz file ({_describe(error)})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: contains one .npy array, not a .npz archive; save x and y with numpy.savez")
+    with loaded as archive:
+        missing = [key for key in ("x", "y") if key not in archive.files]
+        if missing:
+            raise DataError(
+                f"{path}: missing array {missing[0]!r}; a .npz data file needs arrays 'x' "
+                f"(samples) and 'y' (labels), found {sorted(archive.files)}"
+            )
+        try:
             return archive["x"], archive["y"]
-    except DataError:
-        raise
-    except ValueError as error:
-        # allow_pickle=False raises ValueError for object arrays.
-        raise DataError(f"{path}: cannot read arrays without unpickling ({error})") from None
-    except (OSError, EOFError, KeyError, struct.error) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from None
-    except Exception as error:  # zipfile.BadZipFile and zlib errors from damaged archives
-        raise DataError(f"{path}: corrupted .npz file ({type(error).__name__}: {error})") from None
+        except _NPZ_ERRORS as error:
+            if isinstance(error, ValueError) and "pickle" in str(error):
+                raise DataError(f"{path}: cannot read arrays without unpickling ({error})") from None
+            raise DataError(f"{path}: corrupted .npz file ({_describe(error)})") from None
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _read_idx_folder(folder: Path, split: str, spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +256,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    count = int(np.prod(shape)) if shape else 0
+    count = math.prod(shape) if shape else 0
     if len(raw) - header != count * dtype.itemsize:
         raise DataError(
             f"{path}: IDX payload has {len(raw) - header} bytes, the header declares shape "
@@ -266,13 +284,16 @@ def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 def _validate(x: np.ndarray, y: np.ndarray, spec: str) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype.kind not in "biuf":
         raise DataError(f"data {spec!r}: x has dtype {x.dtype}; expected a numeric array")
-    if y.dtype.kind not in "iub":
-        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise DataError(f"data {spec!r}: y has dtype {y.dtype}; expected integer class labels")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2 and y.shape[1] > 1:
+        raise DataError(
+            f"data {spec!r}: y has shape {y.shape}; expected one class index per sample. For one-hot "
+            "labels save y.argmax(axis=1)"
+        )
     if y.ndim != 1:
         raise DataError(f"data {spec!r}: y has shape {y.shape}; expected one label per sample")
+    y = _class_indices(y, spec)
     if x.ndim < 2:
         raise DataError(f"data {spec!r}: x has shape {x.shape}; expected (samples, ...)")
     if x.shape[0] != y.shape[0]:
@@ -284,15 +305,32 @@ def _validate(x: np.ndarray, y: np.ndarray, spec: str) -> tuple[np.ndarray, np.n
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise DataError(f"data {spec!r}: x contains {bad} NaN or inf values; clean the data first")
-    if np.any(y < 0):
-        raise DataError(f"data {spec!r}: y contains negative labels; expected classes 0..K-1")
     return x, y
+
+
+def _class_indices(y: np.ndarray, spec: str) -> np.ndarray:
+    """Return labels as int64 class indices, or raise DataError for labels that are not."""
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"data {spec!r}: y contains NaN or inf; expected integer class labels")
+        if not np.all(y == np.round(y)):
+            raise DataError(f"data {spec!r}: y has dtype {y.dtype} with fractional values; expected integer class labels")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"data {spec!r}: y has dtype {y.dtype}; expected integer class labels")
+    if y.size and np.any(y < 0):
+        raise DataError(f"data {spec!r}: y contains negative labels such as {y[y < 0][0]}; expected classes 0..K-1")
+    too_large = y.astype(np.float64) >= _MAX_LABEL
+    if np.any(too_large):
+        raise DataError(f"data {spec!r}: y contains the label {y[too_large][0]}, too large for a class index")
+    return y.astype(np.int64)
 
 
 def _scale(x: np.ndarray, scaling: str) -> tuple[np.ndarray, str]:
     """Scale integer images to [0, 1] and return the scaling that was applied."""
     if scaling == "digits/16":
         return x.astype(np.float32) / np.float32(16.0), scaling
+    if x.dtype == np.bool_:
+        return x.astype(np.float32), "bool"
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0), "uint8/255"
     if x.dtype.kind in "iub":

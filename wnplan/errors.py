@@ -29,3 +29,7 @@ class SettingsError(WnplanError):
 
 class FileFormatError(WnplanError):
     """A profile, plan, check or accelerator file is not valid."""
+
+
+class StoreError(SettingsError):
+    """The result store cannot be opened, is locked too long, or is not a wnplan store."""

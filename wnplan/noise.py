@@ -203,7 +203,11 @@ _executor: concurrent.futures.ThreadPoolExecutor | None = None
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     global _executor
     if _executor is None:
-        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+        from wnplan import runtime
+
+        # Respect the configured thread count, so a one-thread worker draws on one thread.
+        threads = runtime.threads() or min(4, os.cpu_count() or 1)
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads))
     return _executor
 
 

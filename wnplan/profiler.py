@@ -31,7 +31,7 @@ from wnplan.sweep import Curve, GridCurve, SweepContext, round_sigma, run_sweep
 logger = logging.getLogger(__name__)
 
 SCOPES = ("walking", "global", "both")
-MODES = ("inference",)
+MODES = ("inference", "trained", "both")
 FIT_SPACES = ("linear", "log")
 
 
@@ -43,7 +43,11 @@ class ProfileSettings:
         noise: the noise model (kind, order, mix ratio, σ reference).
         scope: "walking" (one site at a time), "global" (all sites at once) or "both".
         sites: site selection for walking noise (indices, names or op types); None for all.
-        mode: "inference" (a clean-trained model run with noise).
+        mode: "inference" (a clean-trained model run with noise), "trained" (each point is a
+            model fine-tuned, or trained from scratch, with that noise), or "both".
+        training: how trained mode trains (epochs, optimizer, clamping, gradient semantics).
+        train_data: training data for trained mode; None takes the `:train` split of a
+            built-in evaluation data set.
         repeats: independent noise draws per σ.
         sigmas: σ values to run exactly, in the noise reference; None for the adaptive grid.
         seed: base seed; every trial's noise seed derives from it and the trial's identity.
@@ -71,6 +75,8 @@ class ProfileSettings:
     screen_samples: int = 1000
     target_error: float = 0.05
     max_trials: int = 200
+    training: Any = None
+    train_data: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("--scope", self.scope, SCOPES)
@@ -161,7 +167,7 @@ def clean_accuracy(model: Model, data: Dataset) -> tuple[int, int]:
 
 
 def build_curves(
-    model: Model, settings: ProfileSettings, clean: tuple[int, int], classes: int
+    model: Model, settings: ProfileSettings, clean: tuple[int, int], classes: int, adaptive: bool = True
 ) -> tuple[list[Curve], Curve | None]:
     """Return the walking curves of the selected sites and the global curve, if requested.
 
@@ -170,17 +176,20 @@ def build_curves(
         settings: what to measure.
         clean: (correct, samples) of the clean model on the evaluation data.
         classes: number of classes K; chance accuracy is 1/K.
+        adaptive: screen on a subset and add repeats near µ; off for trained mode, where
+            training, not evaluation, dominates the cost of a trial.
     """
     correct, samples = clean
     grid = tuple(sorted({round_sigma(sigma) for sigma in settings.sigmas})) if settings.sigmas else None
     # Screening pays off only when the subset is much smaller than the data.
-    screen = settings.screen_samples if 0 < settings.screen_samples * 2 <= samples else None
+    screen = settings.screen_samples if adaptive and 0 < settings.screen_samples * 2 <= samples else None
+    target = settings.target_error or None if adaptive else None
 
     def curve(scope: str, indices: tuple[int, ...]) -> Curve:
         names = tuple(model.sites[index].name for index in indices)
         return Curve(
             scope, indices, names, correct / samples, 1.0 / classes, grid, clean,
-            screen_samples=screen, target_error=settings.target_error or None,
+            screen_samples=screen, target_error=target,
             max_trials=settings.max_trials, fit_space=settings.fit_space,
         )
 
@@ -250,38 +259,84 @@ def profile(
     loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
     correct, classes = clean_accuracy(loaded, dataset)
     statistics = site_statistics(loaded, dataset)
-    if settings.maps:
-        walking, global_curve, maps = [], None, build_maps(loaded, settings)
-    else:
-        walking, global_curve = build_curves(loaded, settings, (correct, len(dataset)), classes)
-        maps = []
-    curves = walking + ([global_curve] if global_curve else []) + maps
-
     execution = execution or Execution(factory=factory, trust=trust)
-    counts = _measure(model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution)
-    record = _profile_record(loaded, dataset, settings, statistics, correct, classes, walking, global_curve)
-    if maps:
-        record["maps"] = [grid.record() | {"mode": settings.mode} for grid in maps]
+
+    modes = ("inference", "trained") if settings.mode == "both" else (settings.mode,)
+    measured: dict[str, tuple[list[Curve], Curve | None, list[GridCurve]]] = {}
+    totals = {"total": 0, "computed": 0, "reused": 0}
+    for mode in modes:
+        trained = mode == "trained"
+        if settings.maps:
+            walking, global_curve, maps = [], None, build_maps(loaded, settings)
+        else:
+            walking, global_curve = build_curves(loaded, settings, (correct, len(dataset)), classes, adaptive=not trained)
+            maps = []
+        curves = walking + ([global_curve] if global_curve else []) + maps
+        make = _trained_evaluator(settings, dataset, normalize) if trained else None
+        if trained and (execution.workers or execution.ray):
+            raise SettingsError("trained mode runs in this process; drop --workers and --ray")
+        counts = _measure(model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution, mode, make)
+        for key in totals:
+            totals[key] += counts[key]
+        measured[mode] = (walking, global_curve, maps)
+
+    record = _profile_record(loaded, dataset, settings, statistics, correct, classes, measured)
     logger.info(
         "profile done: %d trials (%d computed, %d from the store) in %.1f s",
-        counts["total"], counts["computed"], counts["reused"], time.perf_counter() - started,
+        totals["total"], totals["computed"], totals["reused"], time.perf_counter() - started,
     )
     records.validate(record, "profile")
     return record
 
 
-def _measure(model_path, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution) -> dict[str, int]:
+def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: str | None):
+    """Return a function that builds the trained-mode evaluator for a loaded model."""
+    from wnplan.train.evaluator import TrainedEvaluator
+    from wnplan.train.trainer import TrainingSettings
+
+    training = settings.training or TrainingSettings()
+    train_spec = settings.train_data or training_split(dataset.name)
+    preprocessing = dataset.preprocessing.get("normalize")
+    train_data = load_data(
+        train_spec, tuple(preprocessing) if preprocessing else parse_normalize(normalize), training.train_limit, "train"
+    )
+
+    def make(model: Model, scales, seed_of) -> TrainedEvaluator:
+        return TrainedEvaluator(model, train_data, dataset, settings.noise, scales, seed_of, training)
+
+    make.train_data = train_data  # recorded in the profile
+    return make
+
+
+def training_split(name: str) -> str:
+    """Return the training split of a built-in data set name, or raise SettingsError."""
+    base, _, split = name.partition(":")
+    if base in ("fashion-mnist", "digits") and split in ("", "test"):
+        return f"{base}:train"
+    raise SettingsError(
+        f"trained mode needs training data and {name!r} has no built-in training split; pass --train-data"
+    )
+
+
+def _measure(
+    model_path, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution, mode, make_trained
+) -> dict[str, int]:
     scales = reference_scales(statistics, settings.noise.reference)
     opened = Store(store) if store is not None else None
     try:
+        identity_mode = mode if make_trained is None else _trained_identity(settings, make_trained)
         context = SweepContext(
-            loaded.sha256, dataset.sha256, settings.noise.to_dict(), settings.mode, settings.seed, opened, fresh
+            loaded.sha256, dataset.sha256, settings.noise.to_dict(), identity_mode, settings.seed, opened, fresh
         )
         job = EvaluationJob(
             str(model_path), execution.factory, execution.trust, dataset, settings.noise, scales,
             {"noise": context.noise, "mode": context.mode, "seed": context.seed}, runtime.threads(),
         )
-        with make_executor(job, execution, loaded) as executor:
+        if make_trained is not None:
+            executor = InProcessExecutor(make_trained(loaded, scales, context.noise_seed).run_group)
+        else:
+            executor = make_executor(job, execution, loaded)
+        with executor:
             return run_sweep(curves, settings.repeats, context, executor, progress)
     finally:
         if opened is not None:
@@ -293,7 +348,8 @@ class Execution:
     """Where and how trials run.
 
     Attributes:
-        workers: local worker processes; 0 runs trials in this process.
+        workers: local worker processes (0 runs trials in this process); with `ray`, the
+            number of Ray workers (0: one per CPU of the cluster).
         ray: a Ray cluster address ("auto", "local", or host:port), or None.
         factory, trust: how workers load the model (see `load_model`).
     """
@@ -304,14 +360,20 @@ class Execution:
     trust: bool = False
 
 
+def _trained_identity(settings: ProfileSettings, make_trained) -> str:
+    """Return the mode part of trained trial identities: the training settings and data count."""
+    from wnplan.train.trainer import TrainingSettings
+
+    training = (settings.training or TrainingSettings()).to_dict()
+    return "trained:" + records.dumps({"training": training, "train_data": make_trained.train_data.sha256}).strip()
+
+
 def make_executor(job: EvaluationJob, execution: Execution, loaded: Model) -> Executor:
     """Return the executor for the execution settings; in-process reuses the loaded model."""
-    if execution.ray is not None and execution.workers:
-        raise SettingsError("--workers and --ray exclude each other; pick one executor")
     if execution.ray is not None:
         from wnplan.ray_executor import RayExecutor
 
-        return RayExecutor(job, execution.ray)
+        return RayExecutor(job, execution.ray, workers=execution.workers or None)
     if execution.workers:
         return ProcessPoolExecutor(job, execution.workers)
     evaluator = InferenceEvaluator(loaded, job.data, job.noise, job.scales, job.noise_seed)
@@ -325,10 +387,20 @@ def _profile_record(
     statistics: list[dict[str, float]],
     correct: int,
     classes: int,
-    walking: list[Curve],
-    global_curve: Curve | None,
+    measured: dict[str, tuple[list[Curve], Curve | None, list[GridCurve]]],
 ) -> dict[str, Any]:
+    """Build the profile record.
+
+    The curves of the profile's mode go under each site's `walking` key and under `global`.
+    With mode "both", those hold the inference-only curves, and the trained curves go under
+    `trained` keys beside them.
+    """
+    main_mode = "trained" if settings.mode == "trained" else "inference"
+    walking, global_curve, maps = measured[main_mode]
+    extra = measured.get("trained") if settings.mode == "both" else None
+
     by_site = {curve.sites[0]: curve for curve in walking}
+    trained_by_site = {curve.sites[0]: curve for curve in extra[0]} if extra else {}
     global_members = set(global_curve.sites) if global_curve else set()
     sites = []
     for site in loaded.sites:
@@ -338,14 +410,18 @@ def _profile_record(
         entry["in_global"] = site.index in global_members
         curve = by_site.get(site.index)
         entry["walking"] = _curve_record(curve, classes, settings.fit_space) if curve else None
+        if site.index in trained_by_site:
+            entry["trained"] = _curve_record(trained_by_site[site.index], classes, settings.fit_space)
         sites.append(entry)
 
     global_record = None
     if global_curve is not None:
         global_record = _curve_record(global_curve, classes, settings.fit_space)
         global_record["sites"] = list(global_curve.sites)
+        if extra and extra[1] is not None:
+            global_record["trained"] = _curve_record(extra[1], classes, settings.fit_space)
 
-    return {
+    record = {
         "kind": "profile",
         "schema_version": records.SCHEMA_VERSION,
         "wnplan_version": __version__,
@@ -373,6 +449,21 @@ def _profile_record(
         "sites": sites,
         "global": global_record,
     }
+    if settings.mode != "inference":
+        record["settings"]["training"] = _training_record(settings)
+    all_maps = [grid.record() | {"mode": mode} for mode, (_, _, grids) in measured.items() for grid in grids]
+    if all_maps:
+        record["maps"] = all_maps
+    return record
+
+
+def _training_record(settings: ProfileSettings) -> dict[str, Any]:
+    from wnplan.train.trainer import TrainingSettings
+
+    return {
+        "train_data": settings.train_data,
+        "settings": (settings.training or TrainingSettings()).to_dict(),
+    }
 
 
 def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
@@ -381,7 +472,19 @@ def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
     Points screened on a data subset are listed but left out of the fit.
     """
     fit = fit_curve(curve.curve_points(), chance=1.0 / classes, space=fit_space)
-    return {"points": curve.points(), "fit": fit.to_dict()}
+    points = curve.points()
+    for point in points:
+        results = curve.results.get(point["sigma"]) if point["reason"] not in ("clean", "screen") else None
+        if results and results[0].extra:
+            # Trained models keep what the training recorded (weights, histograms, the
+            # self-binarization test) for the first repeat of each σ.
+            point["records"] = results[0].extra
+    record = {"points": points, "fit": fit.to_dict()}
+    if any("records" in point for point in points):
+        from wnplan.train.records import preserved_relative_accuracy
+
+        record["preserved_relative_accuracy"] = preserved_relative_accuracy(points)
+    return record
 
 
 def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:

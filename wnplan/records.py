@@ -44,11 +44,14 @@ def load_schema(kind: str) -> dict[str, Any]:
 def validate(record: dict[str, Any], kind: str, source: str = "") -> None:
     """Raise FileFormatError naming the first invalid field of a record."""
     validator = jsonschema.Draft202012Validator(load_schema(kind))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    where = f"{source}: " if source else ""
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    except RecursionError:
+        raise FileFormatError(f"{where}invalid {kind} file: values are nested too deeply; regenerate it with wnplan") from None
     if error is None:
         return
     location = "/".join(str(part) for part in error.absolute_path) or "(top level)"
-    where = f"{source}: " if source else ""
     raise FileFormatError(
         f"{where}invalid {kind} file: field {location}: {error.message}; regenerate it with "
         f"wnplan or fix that field"
@@ -90,8 +93,26 @@ def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _sync_folder(folder)
     logger.info("wrote %s %s", kind, path)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the folder entry of a renamed file to disk, so the rename survives a power loss.
+
+    Platforms that cannot open a folder (Windows) skip this step.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        logger.debug("cannot sync folder %s: %s", folder, error)
+    finally:
+        os.close(descriptor)
 
 
 def read_record(path: str | Path, kind: str) -> dict[str, Any]:
@@ -110,6 +131,8 @@ def read_record(path: str | Path, kind: str) -> dict[str, Any]:
         raise FileFormatError(f"{path}: cannot read the {kind} file ({error})") from None
     except ValueError as error:
         raise FileFormatError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise FileFormatError(f"{path}: not a {kind} file (values nested too deeply)") from None
     if not isinstance(record, dict):
         raise FileFormatError(f"{path}: a {kind} file must contain a JSON object")
     if record.get("kind") != kind:

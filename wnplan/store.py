@@ -1,9 +1,10 @@
 """The embedded SQLite store of finished trials, which makes sweeps resumable.
 
 Each trial is keyed by a hash of the model file, the preprocessed data and the trial's
-identity (which includes the seed). A result is committed as soon as it is known, in WAL
-mode, so a killed run loses at most the trials that were still running, and the database
-is never left half-written. Timings live here and never in profile files.
+identity (which includes the seed). A result is committed as soon as it is known, each
+insert in its own transaction, in WAL mode with `synchronous=FULL`. A killed run (SIGKILL,
+Ctrl-C, power loss) therefore loses at most the trials that were still running, and SQLite
+never leaves the database half-written. Timings live here and never in profile files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wnplan.errors import SettingsError
+from wnplan.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ CREATE TABLE IF NOT EXISTS trials (
     finished REAL NOT NULL
 )
 """
+COLUMNS = ("key", "model", "data", "identity", "correct", "total", "extra", "seconds", "finished")
+# Seconds to wait for another process's write to finish before giving up.
+LOCK_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,40 @@ class Store:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._connection = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=FULL")
-            self._connection.execute(SCHEMA)
+            # isolation_level=None: every statement commits on its own, so each trial is one
+            # atomic transaction.
+            self._connection = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT, isolation_level=None)
         except (OSError, sqlite3.Error) as error:
-            raise SettingsError(
+            raise StoreError(
                 f"cannot open the result store {str(self.path)!r} ({error}); pass a writable "
                 "path with --store"
             ) from None
+        try:
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.execute(SCHEMA)
+            columns = tuple(row[1] for row in self._connection.execute("PRAGMA table_info(trials)"))
+        except sqlite3.Error as error:
+            self._connection.close()
+            raise self._damaged(error) from None
+        if columns != COLUMNS:
+            self._connection.close()
+            raise StoreError(
+                f"{str(self.path)!r} is not a wnplan result store (its trials table has columns "
+                f"{', '.join(columns)}); pass another path with --store"
+            )
+
+    def _damaged(self, error: sqlite3.Error) -> StoreError:
+        """Return the error for a store that SQLite cannot use, saying what to do."""
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            return StoreError(
+                f"the result store {str(self.path)!r} stayed locked by another process for "
+                f"{LOCK_TIMEOUT:.0f} s ({error}); wait for the other wnplan run, or pass another --store"
+            )
+        return StoreError(
+            f"the result store {str(self.path)!r} is unreadable or not a SQLite database ({error}); "
+            "move it away or pass another --store (its stored trials are then measured again)"
+        )
 
     def __enter__(self) -> Store:
         return self
@@ -92,17 +121,29 @@ class Store:
         self._connection.close()
 
     def get_many(self, keys: Iterable[str]) -> dict[str, TrialResult]:
-        """Return the stored results among `keys`."""
+        """Return the stored results among `keys`.
+
+        A row that does not hold a valid result (edited by hand, or written by another tool)
+        is deleted with a warning, so its trial is measured again and stored anew.
+        """
         keys = list(keys)
         found: dict[str, TrialResult] = {}
-        for start in range(0, len(keys), 500):
-            batch = keys[start : start + 500]
-            marks = ",".join("?" * len(batch))
-            rows = self._connection.execute(
-                f"SELECT key, correct, total, extra, seconds FROM trials WHERE key IN ({marks})", batch
-            )
-            for key, correct, total, extra, seconds in rows:
-                found[key] = TrialResult(correct, total, json.loads(extra), seconds)
+        try:
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                rows = self._connection.execute(
+                    f"SELECT key, correct, total, extra, seconds FROM trials WHERE key IN ({marks})", batch
+                ).fetchall()
+                for key, correct, total, extra, seconds in rows:
+                    result = _result_from_row(correct, total, extra, seconds)
+                    if result is None:
+                        logger.warning("deleting an invalid stored result for trial %s from %s", key, self.path)
+                        self._connection.execute("DELETE FROM trials WHERE key = ?", (key,))
+                    else:
+                        found[key] = result
+        except sqlite3.Error as error:
+            raise self._damaged(error) from None
         return found
 
     def put(
@@ -116,27 +157,47 @@ class Store:
     ) -> None:
         """Commit one finished trial; an existing result is kept unless `replace` is set."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        self._connection.execute(
-            f"{verb} INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                model,
-                data,
-                json.dumps(identity, sort_keys=True),
-                result.correct,
-                result.total,
-                json.dumps(result.extra, sort_keys=True, allow_nan=False),
-                result.seconds,
-                time.time(),
-            ),
+        row = (
+            key,
+            model,
+            data,
+            json.dumps(identity, sort_keys=True),
+            result.correct,
+            result.total,
+            json.dumps(result.extra, sort_keys=True, allow_nan=False),
+            result.seconds,
+            time.time(),
         )
+        try:
+            self._connection.execute(f"{verb} INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        except sqlite3.Error as error:
+            raise self._damaged(error) from None
 
     def mean_seconds(self, model: str) -> float | None:
         """Return the mean wall time of this model's stored trials, for time estimates."""
-        row = self._connection.execute(
-            "SELECT AVG(seconds) FROM trials WHERE model = ? AND seconds > 0", (model,)
-        ).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        try:
+            row = self._connection.execute(
+                "SELECT AVG(seconds) FROM trials WHERE model = ? AND seconds > 0", (model,)
+            ).fetchone()
+        except sqlite3.Error as error:
+            raise self._damaged(error) from None
+        return float(row[0]) if row and isinstance(row[0], (int, float)) else None
 
     def count(self) -> int:
-        return int(self._connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+        try:
+            return int(self._connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+        except sqlite3.Error as error:
+            raise self._damaged(error) from None
+
+
+def _result_from_row(correct: Any, total: Any, extra: Any, seconds: Any) -> TrialResult | None:
+    """Return the stored result, or None when a column holds a value no trial produces."""
+    if not (isinstance(correct, int) and isinstance(total, int) and 0 <= correct <= total and total > 0):
+        return None
+    try:
+        record = json.loads(extra)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return TrialResult(correct, total, record, float(seconds) if isinstance(seconds, (int, float)) else 0.0)

@@ -1,12 +1,17 @@
 """Model backends behind one interface, and the loader that picks one from the file.
 
-Formats:
+Formats, and whether loading them can run code from the file:
 
-- `.onnx`: run by onnxruntime.
-- `.pt2`: a `torch.export` program (no code runs on load).
+- `.onnx`: run by onnxruntime. An ONNX file is data; external data files are read only from
+  the model's folder.
+- `.pt2`: a `torch.export` program. `torch.export.load` can run code from the file (shape
+  expressions and guards are evaluated as Python, and objects are unpickled), so without
+  `trust=True` the archive is checked first (see `pt2_check`) and weights are unpickled
+  with torch's restricted `weights_only` unpickler.
 - a state dict (`.pt`, `.pth`) with `factory="package.module:function"`, which builds the
-  architecture; the weights are read with `weights_only=True`.
+  architecture; the weights are read with `weights_only=True`. The factory's own code runs.
 - a pickled full module, only with `trust=True`, because unpickling runs arbitrary code.
+- TorchScript archives are rejected without being loaded, with or without `trust`.
 
 Models declare their data either in ONNX `metadata_props` (`wnplan.data`, `wnplan.normalize`)
 or in a JSON sidecar next to the file (`MODEL.json`, for example `lenet5.pt2.json`).
@@ -14,12 +19,15 @@ or in a JSON sidecar next to the file (`MODEL.json`, for example `lenet5.pt2.jso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
 import logging
+import pickle
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["DataDeclaration", "Model", "Site", "Suffix", "load_model", "read_declaration"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# What torch.load raises for damaged files and for pickles its restricted unpickler refuses.
+TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, TypeError, AttributeError,
+    IndexError, OverflowError, RecursionError, OSError, zipfile.BadZipFile, NotImplementedError,
+)
 
 
 def load_model(
@@ -47,10 +60,12 @@ def load_model(
         factory: `package.module:function` that builds the architecture, for state dicts.
         trust: allow unpickling a full module (runs code from the file).
         sample: a batch of input samples, shape (N, ...); needed to export state-dict and
-            pickled modules, whose input shape the file does not record.
+            pickled modules, whose input shape the file does not record. ONNX models with
+            dynamic dimensions are probed with it.
 
     Raises:
         ModelError: the file is missing, unreadable, or of an unsupported kind.
+        DataError: `sample` does not fit the model's declared input shape.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,9 +75,9 @@ def load_model(
     if suffix == ".onnx":
         from wnplan.models.onnx_backend import OnnxModel
 
-        return OnnxModel(path)
+        return OnnxModel(path, sample)
     if suffix == ".pt2":
-        return _load_exported(path)
+        return _load_exported(path, trust)
     if suffix in TORCH_SUFFIXES or factory is not None:
         return _load_torch_file(path, factory, trust, sample)
     raise ModelError(
@@ -96,16 +111,11 @@ def read_declaration(path: str | Path) -> DataDeclaration | None:
     return None
 
 
-def _load_exported(path: Path) -> Model:
-    import torch
-
+def _load_exported(path: Path, trust: bool) -> Model:
+    from wnplan.models.pt2_check import load_program
     from wnplan.models.torch_backend import TorchModel
 
-    try:
-        program = torch.export.load(str(path))
-    except (RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{path}: not a readable torch.export program ({first})") from None
+    program = load_program(path, trust)
     model = TorchModel(path, program, "pt2")
     model.declaration = read_declaration(path)
     return model
@@ -127,7 +137,7 @@ def _load_torch_file(path: Path, factory: str | None, trust: bool, sample: np.nd
         module = _build_from_factory(factory)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:  # torch.load raises pickle, zip and runtime errors
+        except TORCH_LOAD_ERRORS as error:
             raise ModelError(f"{path}: cannot read the state dict safely ({_first_line(error)})") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
@@ -135,7 +145,7 @@ def _load_torch_file(path: Path, factory: str | None, trust: bool, sample: np.nd
             raise ModelError(f"{path}: expected a state dict (a mapping of tensor names), got {type(state).__name__}")
         try:
             module.load_state_dict(state)
-        except RuntimeError as error:
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
             raise ModelError(f"{path}: the state dict does not fit {factory}: {_first_line(error)}") from None
         format_name = "state-dict"
     elif trust:
@@ -165,20 +175,50 @@ def _load_torch_file(path: Path, factory: str | None, trust: bool, sample: np.nd
 
 
 def _export(module, sample: np.ndarray, path: Path):
+    """Export the module in eval mode: with a dynamic batch, or else with a batch of 2 or 1.
+
+    A module that only runs with one sample (a batch of 1 baked into a reshape) is exported
+    with a fixed batch of 1, which the model then runs in chunks.
+    """
     import torch
 
-    # Export a copy in eval mode so that the user's module (and its BatchNorm statistics)
-    # stays untouched even when it was left in train mode.
-    module = copy.deepcopy(module).eval()
     example = torch.from_numpy(np.ascontiguousarray(sample[:2], dtype=np.float32))
-    batch = torch.export.Dim("batch", min=1)
+    attempts = [
+        (example, ({0: torch.export.Dim("batch", min=1)},)),
+        (example, None),
+        (example[:1], None),
+    ]
+    first_error: Exception | None = None
+    with _in_eval_mode(module) as frozen:
+        for inputs, shapes in attempts:
+            try:
+                return torch.export.export(frozen, (inputs,), dynamic_shapes=shapes)
+            except Exception as error:  # torch.export reports unsupported Python in many error types
+                first_error = first_error or error
+    raise ModelError(f"{path}: torch.export cannot trace the module ({_first_line(first_error)})")
+
+
+@contextlib.contextmanager
+def _in_eval_mode(module) -> Iterator:
+    """Yield the module in eval mode, without changing the caller's module.
+
+    A deep copy is put in eval mode, so the user's module keeps its mode and BatchNorm
+    statistics. A module that cannot be copied is switched to eval mode in place and
+    switched back afterwards; exporting in eval mode does not write to its buffers.
+    """
     try:
-        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    except Exception as error:  # export reports unsupported Python in many ways
+        frozen = copy.deepcopy(module)
+    except (TypeError, RuntimeError, AttributeError, pickle.PicklingError, copy.Error) as error:
+        logger.info("cannot copy the module (%s); exporting it in place in eval mode", _first_line(error))
+        modes = {child: child.training for child in module.modules()}
+        module.eval()
         try:
-            return torch.export.export(module, (example,))
-        except Exception:
-            raise ModelError(f"{path}: torch.export cannot trace the module ({_first_line(error)})") from None
+            yield module
+        finally:
+            for child, training in modes.items():
+                child.train(training)
+        return
+    yield frozen.eval()
 
 
 def _build_from_factory(factory: str):
@@ -193,17 +233,24 @@ def _build_from_factory(factory: str):
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise ModelError(f"cannot import --factory {factory!r}: {error}") from None
-    module = function()
+    except Exception as error:  # importing runs the user's module code, which can raise anything
+        raise ModelError(f"importing --factory {factory!r} raised {type(error).__name__}: {_first_line(error)}") from None
+    try:
+        module = function()
+    except Exception as error:  # the factory is the user's code
+        raise ModelError(f"--factory {factory!r} raised {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"--factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    """Return whether the file is a TorchScript archive (a zip with a `code/` folder)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
 
 
 def _first_line(error: BaseException) -> str:

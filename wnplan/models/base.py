@@ -7,8 +7,10 @@ A backend exposes the model's sites and three ways to run it on a batch of sampl
 - `suffix`: the part of the network downstream of one site, to rerun only that part for
   walking noise at that site.
 
-Arrays in and out are numpy; the backends convert. Batches larger than the model's fixed
-batch size are split, and the last chunk is padded, by this base class.
+Arrays in and out are numpy; the backends convert. A model may accept only some batch sizes
+(a batch fixed at export, or a range that `torch.export` recorded). This base class splits
+larger batches into chunks the model accepts and pads a short last chunk, so callers never
+see the limit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from wnplan.errors import DataError
+from wnplan.errors import DataError, ModelError
 from wnplan.quantize import Quantizer
 
 # Per-site (mul, add) arrays, each None when absent: the site's value becomes x · mul + add.
@@ -37,7 +39,12 @@ NORMALIZATION_OPS = frozenset(
         "LayerNormalization",
         "GroupNormalization",
         "batch_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_functional",
         "_native_batch_norm_legit_no_training",
+        "_batch_norm_no_update",
+        "_batch_norm_with_update",
         "instance_norm",
         "layer_norm",
         "group_norm",
@@ -83,6 +90,22 @@ class Site:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """The batch sizes a model accepts: `minimum` to `maximum` samples (None: no maximum)."""
+
+    minimum: int = 1
+    maximum: int | None = None
+
+    @property
+    def fixed(self) -> int | None:
+        """The only accepted batch size, or None when the model accepts several."""
+        return self.maximum if self.maximum == self.minimum else None
+
+    def accepts(self, count: int) -> bool:
+        return self.minimum <= count and (self.maximum is None or count <= self.maximum)
+
+
+@dataclass(frozen=True)
 class DataDeclaration:
     """Data and preprocessing that a model file declares for itself."""
 
@@ -96,12 +119,13 @@ class Suffix(ABC):
     """The network downstream of one site, run from cached clean values.
 
     `prepare` computes the clean values the suffix needs (the site's value first, then any
-    other value that crosses into the suffix, such as a skip connection). `run` evaluates
-    the suffix with a replacement for the site's value.
+    other value that crosses into the suffix, such as a skip connection). Every one of them
+    has the samples along its first axis, so callers may split, pad or stack them by sample.
+    `run` evaluates the suffix with a replacement for the site's value.
     """
 
     site: Site
-    fixed_batch: int | None = field(default=None, kw_only=True)
+    limits: BatchLimits = field(default_factory=BatchLimits, kw_only=True)
 
     @abstractmethod
     def _prepare(self, x: np.ndarray) -> list[np.ndarray]: ...
@@ -111,11 +135,17 @@ class Suffix(ABC):
 
     def prepare(self, x: np.ndarray) -> list[np.ndarray]:
         """Return the clean boundary values for samples x; the site's value comes first."""
-        return _chunked(self._prepare, [x], self.fixed_batch, multi=True)
+        return _chunked(self._prepare, [x], self.limits, multi=True)
 
     def run(self, boundary: Sequence[np.ndarray], site_value: np.ndarray) -> np.ndarray:
         """Return logits of the suffix with `site_value` in place of the site's clean value."""
-        return _chunked(lambda *values: self._run(values), [site_value, *boundary[1:]], self.fixed_batch)
+        # Noise is drawn in float32; a float16 or float64 site gets its value in its own type.
+        site_value = site_value.astype(boundary[0].dtype, copy=False)
+
+        def run_chunk(*values: np.ndarray) -> np.ndarray:
+            return class_scores(self._run(values), values[0].shape[0])
+
+        return _chunked(run_chunk, [site_value, *boundary[1:]], self.limits)
 
 
 class Model(ABC):
@@ -126,8 +156,13 @@ class Model(ABC):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sha256 = file_sha256(path)
-        self.fixed_batch: int | None = None
+        self.batch_limits = BatchLimits()
         self.declaration: DataDeclaration | None = None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The only batch size the model accepts, or None when it accepts several."""
+        return self.batch_limits.fixed
 
     @property
     @abstractmethod
@@ -158,7 +193,9 @@ class Model(ABC):
         noise = noise or {}
         quantize = quantize or {}
         if not noise:
-            return _chunked(lambda batch: self._run(batch, {}, quantize), [x], self.fixed_batch)
+            return _chunked(
+                lambda batch: class_scores(self._run(batch, {}, quantize), batch.shape[0]), [x], self.batch_limits
+            )
         order = sorted(noise)
         arrays = [x]
         for index in order:
@@ -170,13 +207,13 @@ class Model(ABC):
                 index: tuple(next(parts) if part is not None else None for part in noise[index])
                 for index in order
             }
-            return self._run(chunk[0], chunk_noise, quantize)
+            return class_scores(self._run(chunk[0], chunk_noise, quantize), chunk[0].shape[0])
 
-        return _chunked(run_chunk, arrays, self.fixed_batch)
+        return _chunked(run_chunk, arrays, self.batch_limits)
 
     def activations(self, x: np.ndarray, indices: Sequence[int]) -> list[np.ndarray]:
         """Return the clean values at the given sites for samples x, in the order given."""
-        return _chunked(lambda batch: self._activations(batch, indices), [x], self.fixed_batch, multi=True)
+        return _chunked(lambda batch: self._activations(batch, indices), [x], self.batch_limits, multi=True)
 
     def check_input(self, x: np.ndarray) -> None:
         """Raise DataError unless samples x fit the model's input shape."""
@@ -203,28 +240,49 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def class_scores(logits: np.ndarray, count: int) -> np.ndarray:
+    """Return a model output as class scores of shape (count, classes), or raise ModelError.
+
+    A model fixed at batch 1 whose output lost the batch axis (shape (classes,)) is accepted.
+    """
+    if logits.ndim == 1 and count == 1:
+        logits = logits[None]
+    if logits.ndim != 2 or logits.shape[0] != count or not np.issubdtype(logits.dtype, np.floating):
+        raise ModelError(
+            f"the model's first output has shape {logits.shape} and dtype {logits.dtype} for a batch of "
+            f"{count} samples; wnplan needs floating-point class scores of shape ({count}, classes)"
+        )
+    if logits.shape[1] < 2:
+        raise ModelError(
+            f"the model's first output has {logits.shape[1]} column for each sample; wnplan needs one "
+            "score per class, so export a binary classifier with two output columns"
+        )
+    return logits
+
+
 def _chunked(
     function: Callable[..., Any],
     arrays: Sequence[np.ndarray],
-    fixed_batch: int | None,
+    limits: BatchLimits,
     multi: bool = False,
 ) -> Any:
-    """Call `function` on whole arrays, or on chunks of `fixed_batch` samples.
+    """Call `function` on whole arrays, or on chunks whose size the model accepts.
 
-    With a fixed batch size, the last chunk is padded by repeating its last sample, and the
-    padded rows are dropped from the result. `multi` marks functions that return a list of
-    arrays rather than one.
+    Chunks hold at most `limits.maximum` samples. A chunk with fewer than `limits.minimum`
+    samples is padded by repeating its last sample, and the padded rows are dropped from the
+    result. `multi` marks functions that return a list of arrays rather than one.
     """
     count = arrays[0].shape[0]
-    if fixed_batch is None or count == fixed_batch:
+    if count == 0 or limits.accepts(count):
         return function(*arrays)
 
+    size = limits.maximum if limits.maximum is not None else max(count, limits.minimum)
     pieces: list[Any] = []
-    for start in range(0, count, fixed_batch):
-        chunk = [array[start : start + fixed_batch] for array in arrays]
+    for start in range(0, count, size):
+        chunk = [array[start : start + size] for array in arrays]
         used = chunk[0].shape[0]
-        if used < fixed_batch:
-            chunk = [_pad(array, fixed_batch) for array in chunk]
+        if used < limits.minimum:
+            chunk = [_pad(array, limits.minimum) for array in chunk]
         result = function(*chunk)
         pieces.append([part[:used] for part in result] if multi else result[:used])
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from wnplan import runtime
 from wnplan.errors import ModelError
 from wnplan.models import onnx_graph
-from wnplan.models.base import DataDeclaration, Model, NoiseArrays, Quantizers, Site, Suffix
+from wnplan.models.base import BatchLimits, DataDeclaration, Model, NoiseArrays, Quantizers, Site, Suffix
+from wnplan.models.onnx_files import check_versions, load_onnx, require_in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +25,46 @@ ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT16: np.float16,
 }
 
+# The exception types onnxruntime's Python binding raises for invalid models and failed runs.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    value
+    for value in vars(ort_state).values()
+    if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == ort_state.__name__
+) + (RuntimeError,)
+
+# Without data, dynamic dimensions are probed as 1 and fixed ones as declared. A declared
+# input larger than this many values is not probed with zeros.
+# NOTE: the limit (256 MiB of float32) is a guess at the largest plausible single sample.
+MAX_PROBE_VALUES = 1 << 26
+
 
 class OnnxModel(Model):
-    """An ONNX classifier: first graph input is the samples, first output the class scores."""
+    """An ONNX classifier: its first graph input is the samples, its scores a float output.
+
+    The class scores are the first output, or the first floating-point output when the first
+    one is not (for example a classifier whose first output is the predicted label).
+
+    Args:
+        path: the .onnx file; external data files are read from its folder.
+        sample: input samples, shape (N, ...), used to probe shapes when the model declares
+            dynamic dimensions; None probes with zeros.
+    """
 
     format = "onnx"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sample: np.ndarray | None = None) -> None:
         super().__init__(path)
-        self.proto = _load(path)
+        self.proto = load_onnx(path)
+        check_versions(self.proto, path)
         graph = self.proto.graph
-        self._nodes = onnx_graph.sort_topologically(graph)
+        if not graph.node:
+            raise ModelError(f"{path}: the ONNX graph has no nodes; is this a valid model file?")
+        # Converters of every age write nodes out of order; onnxruntime accepts that but
+        # onnx.checker does not, so the graph is sorted before anything is checked or rewritten.
+        self._nodes = onnx_graph.sort_topologically(graph, f"{path}: the ONNX graph")
         del graph.node[:]
         graph.node.extend(self._nodes)
+        onnx_graph.check_model(self.proto, f"{path}: the ONNX model is invalid")
         self._types = onnx_graph.tensor_types(self.proto)
 
         initializers = {init.name for init in graph.initializer}
@@ -44,11 +72,19 @@ class OnnxModel(Model):
         if not inputs or not graph.output:
             raise ModelError(f"{path}: the ONNX graph needs at least one input and one output")
         self._input = inputs[0]
-        self._input_dtype = ONNX_TO_NUMPY.get(self._input.type.tensor_type.elem_type, np.float32)
+        self._input_dtype = self._float_type(self._input, "input")
+        self._choose_scores_output()
         self._sessions: dict[tuple, ort.InferenceSession] = {}
-        self.fixed_batch = self._declared_batch()
+        self._sample = sample
+        if sample is not None:
+            self.check_input(sample)
+        self.batch_limits = self._find_batch_limits()
         self.declaration = _declaration(self.proto, path)
         self._sites = self._find_sites()
+        self._site_dtypes = [
+            ONNX_TO_NUMPY.get(onnx_graph.elem_type(self._types, site.name), np.float32) for site in self._sites
+        ]
+        self._sample = None
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -57,13 +93,88 @@ class OnnxModel(Model):
     @property
     def input_shape(self) -> tuple[int | None, ...]:
         dims = self._input.type.tensor_type.shape.dim
-        return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in dims)
+        return tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None for dim in dims)
+
+    def _float_type(self, value: onnx.ValueInfoProto, role: str) -> type:
+        kind = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else None
+        if kind not in ONNX_TO_NUMPY:
+            shown = onnx.TensorProto.DataType.Name(kind) if kind in onnx.TensorProto.DataType.values() else kind
+            raise ModelError(
+                f"{self.path}: the model's {role} {value.name!r} has type {shown}; wnplan feeds "
+                "floating-point samples (float, double or float16), so export the model with a float input"
+            )
+        return ONNX_TO_NUMPY[kind]
+
+    def _choose_scores_output(self) -> None:
+        outputs = self.proto.graph.output
+        floating = [
+            position
+            for position, value in enumerate(outputs)
+            if onnx_graph.elem_type(self._types, value.name) in ONNX_TO_NUMPY
+        ]
+        if not floating:
+            raise ModelError(
+                f"{self.path}: no output of the model is a floating-point tensor; wnplan needs class "
+                f"scores, but the outputs are {[value.name for value in outputs]}"
+            )
+        if floating[0] != 0:
+            chosen = onnx.ValueInfoProto()
+            chosen.CopyFrom(outputs[floating[0]])
+            logger.info(
+                "%s: the first output %r is not a float tensor; using output %r as class scores",
+                self.path, outputs[0].name, chosen.name,
+            )
+            del outputs[floating[0]]
+            outputs.insert(0, chosen)
 
     def _declared_batch(self) -> int | None:
         dims = self._input.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return int(dims[0].dim_value)
         return None
+
+    def _find_batch_limits(self) -> BatchLimits:
+        """Return the batch sizes the model runs with, probing a dynamic batch dimension.
+
+        Some exporters declare a dynamic batch but bake a batch of 1 into a Reshape. Such a
+        model fails, or returns one row, for two samples; it is then run one sample at a time.
+        """
+        declared = self._declared_batch()
+        if declared is not None:
+            return BatchLimits(declared, declared)
+        # Build the clean session first, so that an invalid model fails here with one message.
+        self._session(("noise",), lambda: onnx_graph.insert_noise(self.proto, [], [], self._types))
+        try:
+            scores = self._run(self._probe_input(2), {}, {})
+            if scores.ndim >= 1 and scores.shape[0] == 2:
+                return BatchLimits()
+            problem = f"it returns shape {scores.shape} for 2 samples"
+        except ModelError as error:
+            problem = str(error)
+        try:
+            self._run(self._probe_input(1), {}, {})
+        except ModelError as error:
+            raise ModelError(f"{error} (it also fails on 2 samples: {problem})") from None
+        logger.warning(
+            "%s declares a dynamic batch size but runs only with batch 1 (%s); evaluating one sample at a time",
+            self.path, problem,
+        )
+        return BatchLimits(1, 1)
+
+    def _probe_input(self, batch: int) -> np.ndarray:
+        """Return `batch` samples to probe the model with: the given sample, or zeros."""
+        if self._sample is not None and self._sample.shape[0] > 0:
+            rows = np.resize(np.arange(self._sample.shape[0]), batch)
+            return np.ascontiguousarray(self._sample[rows], dtype=self._input_dtype)
+        if not self._input.type.tensor_type.HasField("shape"):
+            raise ModelError(f"{self.path}: the model's input declares no shape; pass --data so wnplan can probe it")
+        dims = [batch] + [dim or 1 for dim in self.input_shape[1:]]
+        if int(np.prod(dims, dtype=np.float64)) > MAX_PROBE_VALUES:
+            raise ModelError(
+                f"{self.path}: the model's input shape {tuple(dims)} is too large to probe with zeros; "
+                "pass --data so wnplan probes it with real samples"
+            )
+        return np.zeros(dims, dtype=self._input_dtype)
 
     def _find_sites(self) -> tuple[Site, ...]:
         graph = self.proto.graph
@@ -75,12 +186,14 @@ class OnnxModel(Model):
         if onnx_graph.elem_type(self._types, self._input.name) in onnx_graph.FLOAT_TYPES:
             candidates.append((self._input.name, "input", 0))
         for node in self._nodes:
-            if node.op_type in onnx_graph.DATA_MOVEMENT_OPS or node.domain not in ("", "ai.onnx"):
+            if node.op_type in onnx_graph.DATA_MOVEMENT_OPS or node.domain not in onnx_graph.SITE_DOMAINS:
                 continue
             parameters = sum(sizes.get(name, 0) for name in node.input)
-            for output in node.output[:1]:
-                if output in live and onnx_graph.elem_type(self._types, output) in onnx_graph.FLOAT_TYPES:
-                    candidates.append((output, node.op_type, parameters))
+            # The site is the node's first floating-point output; classifiers such as
+            # ONNX-ML's LinearClassifier return an integer label first and the scores second.
+            floating = [name for name in node.output if onnx_graph.elem_type(self._types, name) in onnx_graph.FLOAT_TYPES]
+            if floating and floating[0] in live:
+                candidates.append((floating[0], node.op_type, parameters))
 
         reachable = [
             candidate
@@ -94,20 +207,25 @@ class OnnxModel(Model):
         )
 
     def _probe_shapes(self, names: list[str]) -> list[tuple[int, ...]]:
-        batch = self.fixed_batch or 1
-        dims = [batch] + [dim or 1 for dim in self.input_shape[1:]]
-        probe = np.zeros(dims, dtype=self._input_dtype)
-        values = self._session(("outputs", *names), lambda: onnx_graph.with_outputs(self.proto, names, self._types)).run(
-            None, {self._input.name: probe}
-        )
+        probe = self._probe_input(self.fixed_batch or 1)
+        values = self._outputs_session(names)(probe)
         return [tuple(int(dim) for dim in value.shape[1:]) for value in values]
 
-    def _session(self, key: tuple, build) -> ort.InferenceSession:
+    def _session(self, key: tuple, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
         session = self._sessions.get(key)
         if session is None:
             session = make_session(build(), self.path)
             self._sessions[key] = session
         return session
+
+    def _outputs_session(self, names: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """Return a function of samples that computes the clean values of the named tensors."""
+        session = self._session(
+            ("outputs", *names), lambda: onnx_graph.with_outputs(self.proto, names, self._types)
+        )
+        return lambda x: run_session(
+            session, {self._input.name: x.astype(self._input_dtype, copy=False)}, self.path
+        )
 
     def _run(self, x: np.ndarray, noise: NoiseArrays, quantize: Quantizers) -> np.ndarray:
         order = sorted(set(noise) | set(quantize))
@@ -125,54 +243,63 @@ class OnnxModel(Model):
         feed = {self._input.name: x.astype(self._input_dtype, copy=False)}
         for position, index in enumerate(order):
             mul, add = noise.get(index, (None, None))
+            dtype = self._site_dtypes[index]
             if mul is not None:
-                feed[f"{onnx_graph.NOISE_INPUT_PREFIX}_mul_{position}"] = mul
+                feed[f"{onnx_graph.NOISE_INPUT_PREFIX}_mul_{position}"] = mul.astype(dtype, copy=False)
             if add is not None:
-                feed[f"{onnx_graph.NOISE_INPUT_PREFIX}_add_{position}"] = add
-        return session.run(None, feed)[0]
+                feed[f"{onnx_graph.NOISE_INPUT_PREFIX}_add_{position}"] = add.astype(dtype, copy=False)
+        return run_session(session, feed, self.path)[0]
 
     def _activations(self, x: np.ndarray, indices: Sequence[int]) -> list[np.ndarray]:
         names = [self._sites[index].name for index in indices]
         if all(name == self._input.name for name in names):
             return [x for _ in names]
-        session = self._session(
-            ("outputs", *names), lambda: onnx_graph.with_outputs(self.proto, names, self._types)
-        )
-        return session.run(None, {self._input.name: x.astype(self._input_dtype, copy=False)})
+        return self._outputs_session(names)(x)
 
     def suffix(self, index: int) -> Suffix:
         site = self._sites[index]
         suffix_proto, boundary = onnx_graph.extract_suffix(self.proto, self._nodes, site.name, self._types)
         suffix_session = make_session(suffix_proto, self.path)
-        return _OnnxSuffix(site, self, boundary, suffix_session, fixed_batch=self.fixed_batch)
+        return _OnnxSuffix(site, self, boundary, suffix_session, limits=self.batch_limits)
 
 
 class _OnnxSuffix(Suffix):
-    def __init__(self, site: Site, model: OnnxModel, boundary: list[str], session, fixed_batch):
-        super().__init__(site, fixed_batch=fixed_batch)
+    def __init__(self, site: Site, model: OnnxModel, boundary: list[str], session, limits: BatchLimits):
+        super().__init__(site, limits=limits)
         self._model = model
         self._boundary = boundary
         self._session = session
 
     def _prepare(self, x: np.ndarray) -> list[np.ndarray]:
         model = self._model
+        x = x.astype(model._input_dtype, copy=False)
         computed = [name for name in self._boundary if name != model._input.name]
-        values = {}
+        values: dict[str, np.ndarray] = {}
         if computed:
-            session = model._session(
-                ("outputs", *computed),
-                lambda: onnx_graph.with_outputs(model.proto, computed, model._types),
-            )
-            values = dict(zip(computed, session.run(None, {model._input.name: x}), strict=True))
+            values = dict(zip(computed, model._outputs_session(computed)(x), strict=True))
         values[model._input.name] = x
         return [values[name] for name in self._boundary]
 
     def _run(self, values: Sequence[np.ndarray]) -> np.ndarray:
-        return self._session.run(None, dict(zip(self._boundary, values, strict=True)))[0]
+        return run_session(self._session, dict(zip(self._boundary, values, strict=True)), self._model.path)[0]
+
+
+def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    """Run an onnxruntime session; raise ModelError with onnxruntime's message if it fails."""
+    try:
+        return session.run(None, dict(feed))
+    except ORT_ERRORS as error:
+        shapes = ", ".join(f"{name} {value.shape}" for name, value in feed.items())
+        raise ModelError(f"{path}: onnxruntime failed to run the model on inputs {shapes}: {_ort_message(error)}") from None
 
 
 def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:
-    """Build an onnxruntime session on the CPU with the configured thread count."""
+    """Build an onnxruntime session on the CPU with the configured thread count.
+
+    Raises:
+        ModelError: a tensor still refers to external data, or onnxruntime rejects the model.
+    """
+    require_in_memory(proto, path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Full optimization fuses operators differently around inserted noise nodes, which makes
@@ -183,30 +310,19 @@ def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as error:  # onnxruntime raises its own unexported exception types
-        message = str(error).strip().splitlines()[0]
-        raise ModelError(f"{path}: onnxruntime cannot run this model: {message}") from None
-
-
-def _load(path: Path) -> onnx.ModelProto:
+        serialized = proto.SerializeToString()
+    except ValueError as error:  # protobuf refuses messages of 2 GB or more
+        raise ModelError(f"{path}: the rewritten model cannot be serialized ({error})") from None
     try:
-        # External data is resolved relative to the model file, not the working directory.
-        proto = onnx.load(str(path), load_external_data=True)
-    except DecodeError:
-        raise ModelError(f"{path}: not a valid ONNX file (protobuf decoding failed)") from None
-    except FileNotFoundError as error:
-        raise ModelError(
-            f"{path}: external data file {Path(error.filename or '').name!r} not found next to "
-            "the model; keep the .onnx file and its data files together"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise ModelError(f"{path}: cannot read the ONNX model ({error})") from None
-    if not proto.graph.node:
-        raise ModelError(f"{path}: the ONNX graph has no nodes; is this a valid model file?")
-    return proto
+        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as error:
+        raise ModelError(f"{path}: onnxruntime cannot run this model: {_ort_message(error)}") from None
+
+
+def _ort_message(error: BaseException) -> str:
+    """Return onnxruntime's message on one line, cut at 500 characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:500]
 
 
 def _declaration(proto: onnx.ModelProto, path: Path) -> DataDeclaration | None:

@@ -1,7 +1,9 @@
 """Graph edits on ONNX models: site discovery, noise insertion and suffix extraction.
 
 All edits work on copies. Every rewritten model is topologically sorted and passes
-`onnx.checker` before a session is built from it.
+`onnx.checker` before a session is built from it. Inserted operators use the model's own
+default-domain opset; a model that imports none (an ai.onnx.ml-only model) gets an import
+that its IR version can carry.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from wnplan.errors import ModelError
+from wnplan.models.onnx_files import default_opset, opset_for_ir_version
 from wnplan.quantize import Quantizer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ FLOAT_TYPES = frozenset(
 
 NOISE_INPUT_PREFIX = "wnplan_noise"
 
+# Operator domains whose outputs can be sites: standard ONNX and the standard ONNX-ML
+# operators of classical models. Outputs of custom-domain operators are not sites.
+SITE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Return the tensors a node reads, including outer-scope names used by its sub-graphs."""
@@ -77,8 +84,13 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def sort_topologically(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Return the graph's nodes in a topological order, keeping the given order where valid."""
+def sort_topologically(graph: onnx.GraphProto, source: str = "the ONNX graph") -> list[onnx.NodeProto]:
+    """Return the graph's nodes in a topological order, keeping the given order where valid.
+
+    Raises:
+        ModelError: the graph has a cycle or reads a tensor that nothing defines; the
+            message starts with `source`.
+    """
     available = {value.name for value in graph.input} | {init.name for init in graph.initializer}
     available.add("")
     pending = list(graph.node)
@@ -96,8 +108,7 @@ def sort_topologically(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
                 {name for node in remaining for name in node_inputs(node)} - available
             )
             raise ModelError(
-                f"the ONNX graph has a cycle or reads undefined tensors {missing[:5]}; "
-                "re-export the model"
+                f"{source} has a cycle or reads undefined tensors {missing[:5]}; re-export the model"
             )
         pending = remaining
     return ordered
@@ -152,6 +163,7 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str], types: dict) -> o
     del copy.graph.output[:]
     for name in names:
         copy.graph.output.append(_value_info(name, types))
+    check_model(copy)
     return copy
 
 
@@ -174,6 +186,11 @@ def insert_noise(
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
+    opset = default_opset(copy)
+    if opset is None and tensors:
+        opset = opset_for_ir_version(copy.ir_version)
+        copy.opset_import.append(helper.make_opsetid("", opset))
+        logger.info("the model imports no default ONNX opset; the inserted nodes use opset %d", opset)
     producers = {output: position for position, node in enumerate(graph.node) for output in node.output}
 
     inserts: dict[int, list[onnx.NodeProto]] = {}
@@ -181,7 +198,9 @@ def insert_noise(
     for position, (name, (has_mul, has_add)) in enumerate(zip(tensors, parts, strict=True)):
         nodes, noisy = _noise_nodes(graph, name, position, has_mul, has_add, types)
         if quantizers[position] is not None:
-            quantize_nodes, noisy = _quantize_nodes(graph, noisy, position, quantizers[position], types, name)
+            quantize_nodes, noisy = _quantize_nodes(
+                graph, noisy, position, quantizers[position], types, name, opset or MODERN_QUANTIZE_OPSET
+            )
             nodes.extend(quantize_nodes)
         inserts.setdefault(producers.get(name, -1), []).extend(nodes)
         renames[name] = noisy
@@ -198,6 +217,7 @@ def insert_noise(
         if output.name in renames:
             output.name = renames[output.name]
 
+    _declare_initializers_as_inputs(copy)
     check_model(copy)
     logger.debug("inserted noise at %d tensors (%d new tensors)", len(tensors), len(inserted_names))
     return copy
@@ -222,35 +242,49 @@ def _noise_nodes(
     return nodes, current
 
 
+# Round exists from opset 11, and Max and Min broadcast from opset 8.
+MODERN_QUANTIZE_OPSET = 11
+
+
 def _quantize_nodes(
-    graph: onnx.GraphProto, current: str, position: int, quantizer: Quantizer, types: dict, site: str
+    graph: onnx.GraphProto,
+    current: str,
+    position: int,
+    quantizer: Quantizer,
+    types: dict,
+    site: str,
+    opset: int,
 ) -> tuple[list[onnx.NodeProto], str]:
-    """Return nodes computing low + clip(round((x − low)/step), 0, levels − 1) · step."""
+    """Return nodes computing low + clip(round((x − low)/step), 0, levels − 1) · step.
+
+    From opset 11 on, Round rounds half to even, as torch.round does. Older opsets lack Round,
+    so there the nodes compute floor(v + 0.5) and clip with Clip-6 attributes.
+    """
     value_type = elem_type(types, site) or TensorProto.FLOAT
     dtype = helper.tensor_dtype_to_np_dtype(value_type)
     prefix = f"wnplan_quant_{position}"
-    constants = {
-        "low": quantizer.low,
-        "step": quantizer.step,
-        "zero": 0.0,
-        "top": float(quantizer.levels - 1),
-    }
-    for key, value in constants.items():
-        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), f"{prefix}_{key}"))
+    top = float(quantizer.levels - 1)
+    if opset >= MODERN_QUANTIZE_OPSET:
+        rounding = [("Round", [None], {}), ("Max", [None, "zero"], {}), ("Min", [None, "top"], {})]
+    else:
+        # NOTE: floor(v + 0.5) rounds exact halves up where Round rounds them to even.
+        rounding = [("Add", [None, "half"], {}), ("Floor", [None], {}), ("Clip", [None], {"min": 0.0, "max": top})]
     steps = [
-        ("Sub", [current, f"{prefix}_low"]),
-        ("Div", [None, f"{prefix}_step"]),
-        ("Round", [None]),
-        ("Max", [None, f"{prefix}_zero"]),
-        ("Min", [None, f"{prefix}_top"]),
-        ("Mul", [None, f"{prefix}_step"]),
-        ("Add", [None, f"{prefix}_low"]),
+        ("Sub", [None, "low"], {}),
+        ("Div", [None, "step"], {}),
+        *rounding,
+        ("Mul", [None, "step"], {}),
+        ("Add", [None, "low"], {}),
     ]
+    constants = {"low": quantizer.low, "step": quantizer.step, "zero": 0.0, "top": top, "half": 0.5}
+    used = {name for _, inputs, _ in steps for name in inputs if name}
+    for key in sorted(used):
+        graph.initializer.append(numpy_helper.from_array(np.array(constants[key], dtype=dtype), f"{prefix}_{key}"))
     nodes = []
-    for number, (op, inputs) in enumerate(steps):
-        inputs = [current if name is None else name for name in inputs]
+    for number, (op, inputs, attributes) in enumerate(steps):
+        inputs = [current if name is None else f"{prefix}_{name}" for name in inputs]
         result = f"{site}__{prefix}_{number}"
-        nodes.append(helper.make_node(op, inputs, [result], name=f"{prefix}_{number}"))
+        nodes.append(helper.make_node(op, inputs, [result], name=f"{prefix}_{number}", **attributes))
         current = result
     return nodes, current
 
@@ -278,14 +312,28 @@ def extract_suffix(
     """Return the sub-model downstream of tensor `site`, and its inputs (site first).
 
     The suffix holds every node that depends on `site`. Its other inputs are the tensors those
-    nodes read from outside the suffix, such as the start of a skip connection.
+    nodes read from outside the suffix, such as the start of a skip connection. Every input
+    carries the samples along its first axis, so callers can split, pad and stack inputs by
+    sample: a value that does not (a constant, or a shape computed by Shape or Size) is
+    computed inside the suffix instead, from the inputs it needs.
     """
     reached = {site}
-    suffix_nodes = []
-    for node in nodes:
+    chosen: set[int] = set()
+    for position, node in enumerate(nodes):
         if any(name in reached for name in node_inputs(node)):
-            suffix_nodes.append(node)
+            chosen.add(position)
             reached.update(node.output)
+
+    carrying = carries_samples(model.graph, nodes)
+    producers = {output: position for position, node in enumerate(nodes) for output in node.output}
+    pending = sorted(chosen)
+    while pending:
+        for name in node_inputs(nodes[pending.pop()]):
+            producer = producers.get(name)
+            if producer is not None and producer not in chosen and name not in carrying:
+                chosen.add(producer)
+                pending.append(producer)
+    suffix_nodes = [nodes[position] for position in sorted(chosen)]
 
     initializers = {init.name: init for init in model.graph.initializer}
     produced = {output for node in suffix_nodes for output in node.output}
@@ -305,8 +353,38 @@ def extract_suffix(
     )
     suffix = helper.make_model(graph, opset_imports=list(model.opset_import))
     suffix.ir_version = model.ir_version
+    # Model-local functions that suffix nodes call travel with them.
+    suffix.functions.extend(model.functions)
+    _declare_initializers_as_inputs(suffix)
     check_model(suffix)
     return suffix, boundary
+
+
+def carries_samples(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Return the tensors whose values depend on the samples, not only on their shape.
+
+    Shape and Size read only the shape of their input, so their outputs, and constants,
+    do not carry samples.
+    """
+    initializers = {init.name for init in graph.initializer}
+    carrying = {value.name for value in graph.input if value.name not in initializers}
+    for node in nodes:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(name in carrying for name in node_inputs(node)):
+            carrying.update(name for name in node.output if name)
+    return carrying
+
+
+def _declare_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """List every initializer as a graph input, as IR versions before 4 require."""
+    if model.ir_version >= 4:
+        return
+    graph = model.graph
+    declared = {value.name for value in graph.input}
+    for init in graph.initializer:
+        if init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
 def _value_info(name: str, types: dict) -> onnx.ValueInfoProto:
@@ -330,10 +408,10 @@ def _shape_of(types: dict, name: str) -> list | None:
     return dims
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """Raise ModelError if a rewritten model fails `onnx.checker`."""
+def check_model(model: onnx.ModelProto, problem: str = "the rewritten ONNX graph is invalid") -> None:
+    """Raise ModelError, starting with `problem`, if the model fails `onnx.checker`."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid graph"
-        raise ModelError(f"the rewritten ONNX graph is invalid: {first_line}") from None
+        raise ModelError(f"{problem}: {first_line}") from None

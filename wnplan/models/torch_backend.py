@@ -4,6 +4,10 @@ Every form (a `.pt2` program, a state dict with a `module:factory`, or a trusted
 module) becomes one exported graph. Sites are its compute nodes, so a module called at
 two places gives two sites. Noise and suffixes are built as new GraphModules that share
 the original's parameters; the user's module and file are never modified.
+
+A program exported in train mode computes BatchNorm from batch statistics, updates the
+running statistics in place, and applies Dropout. Its graph is rewritten to eval semantics
+on load (running statistics, no update, no Dropout), so evaluation never changes a buffer.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import sympy
 import torch
 from torch import fx
 
 from wnplan.errors import ModelError
-from wnplan.models.base import Model, NoiseArrays, Quantizers, Site, Suffix
+from wnplan.models.base import BatchLimits, Model, NoiseArrays, Quantizers, Site, Suffix
 from wnplan.quantize import Quantizer
+
+aten = torch.ops.aten
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ DATA_MOVEMENT_OPS = frozenset(
         "type_as",
         "dropout",
         "feature_dropout",
+        "native_dropout",
         "select",
         "slice",
         "split",
@@ -76,9 +84,23 @@ def fake_quantize(x: torch.Tensor, low: float, step: float, top: float) -> torch
 
 
 class TorchModel(Model):
-    """A classifier held as an exported torch.fx graph."""
+    """A classifier held as an exported torch.fx graph.
 
-    def __init__(self, path: Path, program: torch.export.ExportedProgram, format_name: str) -> None:
+    Args:
+        path: the model file.
+        program: the exported program.
+        format_name: "pt2", "state-dict" or "pickle", recorded in profiles.
+        sample: input samples, shape (N, ...); needed only when the program has dynamic
+            dimensions other than the batch, to measure the shape of each site.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        program: torch.export.ExportedProgram,
+        format_name: str,
+        sample: np.ndarray | None = None,
+    ) -> None:
         super().__init__(path)
         self.format = format_name
         try:
@@ -90,15 +112,24 @@ class TorchModel(Model):
         if not placeholders:
             raise ModelError(f"{path}: the exported program takes no input")
         self._input = placeholders[0]
+        self._input_dtype = _input_dtype(self._input, path)
         outputs = [node for node in self._nodes if node.op == "output"]
-        flat_outputs = _flatten_output(outputs[0].args[0])
+        flat_outputs = _flatten_output(outputs[0].args[0]) if outputs else []
         if not flat_outputs:
             raise ModelError(f"{path}: the exported program returns no tensor")
         self._logits = flat_outputs[0]
-        self.fixed_batch = self._static_batch()
-        self._site_nodes = self._find_site_nodes()
-        self._sites = self._describe_sites()
+        changed = use_eval_semantics(self._module.graph)
+        if changed:
+            logger.warning(
+                "%s was exported in train mode; evaluating it in eval mode (BatchNorm running statistics, "
+                "no Dropout) without updating any buffer: %s",
+                path, ", ".join(changed),
+            )
+        _reject_buffer_updates(self._module, self._logits, path)
+        self.batch_limits = _batch_limits(self._input, program)
         self._modules: dict[tuple, fx.GraphModule] = {}
+        self._site_nodes = self._find_site_nodes()
+        self._sites = self._describe_sites(sample)
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -111,10 +142,6 @@ class TorchModel(Model):
             return ()
         return tuple(dim if isinstance(dim, int) else None for dim in value.shape)
 
-    def _static_batch(self) -> int | None:
-        shape = self.input_shape
-        return shape[0] if shape and shape[0] is not None else None
-
     def _find_site_nodes(self) -> list[fx.Node]:
         live = {self._input}
         sites = [self._input] if _is_float(self._input) else []
@@ -126,23 +153,38 @@ class TorchModel(Model):
                 sites.append(node)
         return [node for node in sites if node is self._logits or _reaches(node, self._logits)]
 
-    def _describe_sites(self) -> tuple[Site, ...]:
+    def _describe_sites(self, sample: np.ndarray | None) -> tuple[Site, ...]:
         paths = [_module_path(node) for node in self._site_nodes]
+        shapes = self._site_shapes(sample)
         sites = []
         for index, (node, path) in enumerate(zip(self._site_nodes, paths, strict=True)):
             if node is self._input:
                 name, op = "input", "input"
             else:
-                op = _op_name(node)
+                # A getitem site is the first output of a multi-output operator such as a
+                # decomposed BatchNorm; the site takes that operator's name.
+                op = _op_name(node.args[0] if node.target is operator.getitem else node)
                 name = path if path and paths.count(path) == 1 else "/".join(filter(None, [path, node.name]))
             parameters = sum(
                 int(_attr_value(self._module, arg).numel())
                 for arg in node.all_input_nodes
                 if arg.op == "get_attr" and isinstance(_attr_value(self._module, arg), torch.nn.Parameter)
             )
-            shape = tuple(int(dim) for dim in node.meta["val"].shape[1:])
-            sites.append(Site(index, name, op, shape, parameters, path))
+            sites.append(Site(index, name, op, shapes[index], parameters, path))
         return tuple(sites)
+
+    def _site_shapes(self, sample: np.ndarray | None) -> list[tuple[int, ...]]:
+        """Return each site's per-sample shape: recorded in the program, or measured on `sample`."""
+        recorded = [node.meta["val"].shape[1:] for node in self._site_nodes]
+        if all(isinstance(dim, int) for shape in recorded for dim in shape):
+            return [tuple(shape) for shape in recorded]
+        if sample is None:
+            raise ModelError(
+                f"{self.path}: the program has dynamic dimensions besides the batch; pass --data so "
+                "wnplan can measure the shape of each site"
+            )
+        values = self.activations(np.ascontiguousarray(sample[:1]), range(len(self._site_nodes)))
+        return [tuple(int(dim) for dim in value.shape[1:]) for value in values]
 
     def _build(self, key: tuple, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], noisy: Sequence[fx.Node] = ()):
         module = self._modules.get(key)
@@ -160,55 +202,226 @@ class TorchModel(Model):
         if module is None:
             module = build_graph_module(self._module, [self._input], [self._logits], noisy, quantized)
             self._modules[key] = module
-        arguments = [torch.from_numpy(x)]
+        arguments = [self._input_tensor(x)]
         for index in order:
             arguments.extend(_to_tensor(part) for part in noise[index])
-        with torch.inference_mode():
-            return module(*arguments)[0].numpy()
+        return forward(module, arguments, self.path)[0]
 
     def _activations(self, x: np.ndarray, indices: Sequence[int]) -> list[np.ndarray]:
         nodes = [self._site_nodes[index] for index in indices]
         module = self._build(("outputs", *indices), [self._input], nodes)
-        with torch.inference_mode():
-            return [value.numpy() for value in module(torch.from_numpy(x))]
+        return forward(module, [self._input_tensor(x)], self.path)
+
+    def _input_tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self._input_dtype)
 
     def suffix(self, index: int) -> Suffix:
         site_node = self._site_nodes[index]
-        boundary = suffix_boundary(site_node)
+        boundary = suffix_boundary(site_node, carries_samples(self._input, self._nodes))
         prefix = build_graph_module(self._module, [self._input], boundary)
         rest = build_graph_module(self._module, boundary, [self._logits])
-        return _TorchSuffix(self._sites[index], prefix, rest, fixed_batch=self.fixed_batch)
+        return _TorchSuffix(self._sites[index], self, prefix, rest, limits=self.batch_limits)
 
 
 class _TorchSuffix(Suffix):
-    def __init__(self, site: Site, prefix: fx.GraphModule, rest: fx.GraphModule, fixed_batch):
-        super().__init__(site, fixed_batch=fixed_batch)
+    def __init__(self, site: Site, model: TorchModel, prefix: fx.GraphModule, rest: fx.GraphModule, limits):
+        super().__init__(site, limits=limits)
+        self._model = model
         self._prefix = prefix
         self._rest = rest
 
     def _prepare(self, x: np.ndarray) -> list[np.ndarray]:
-        with torch.inference_mode():
-            return [value.numpy() for value in self._prefix(torch.from_numpy(x))]
+        return forward(self._prefix, [self._model._input_tensor(x)], self._model.path)
 
     def _run(self, values: Sequence[np.ndarray]) -> np.ndarray:
+        return forward(self._rest, [torch.from_numpy(np.ascontiguousarray(value)) for value in values], self._model.path)[0]
+
+
+def forward(module: fx.GraphModule, arguments: Sequence[torch.Tensor | None], path: Path) -> list[np.ndarray]:
+    """Run a built graph module without autograd; raise ModelError if the model fails.
+
+    Shape guards of an exported program raise AssertionError, and operators raise
+    RuntimeError (for example on mismatched shapes).
+    """
+    try:
         with torch.inference_mode():
-            return self._rest(*(torch.from_numpy(value) for value in values))[0].numpy()
+            return [value.numpy() for value in module(*arguments)]
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as error:
+        shapes = ", ".join(str(tuple(argument.shape)) for argument in arguments if argument is not None)
+        text = " ".join(str(error).split())[:500] or type(error).__name__
+        raise ModelError(f"{path}: the model failed on inputs of shape {shapes}: {text}") from None
 
 
-def suffix_boundary(site: fx.Node) -> list[fx.Node]:
-    """Return the site node and every other value that nodes downstream of it read."""
+# Operators whose behaviour depends on a `training` flag, with the flag's position.
+_TRAINING_FLAGS = {
+    aten.batch_norm.default: 5,
+    aten.native_batch_norm.default: 5,
+    aten._native_batch_norm_legit.default: 5,
+    aten._native_batch_norm_legit_functional.default: 5,
+    aten.dropout.default: 2,
+    aten.feature_dropout.default: 2,
+    aten.alpha_dropout.default: 2,
+    aten.feature_alpha_dropout.default: 2,
+    aten.native_dropout.default: 2,
+}
+# BatchNorm operators that always update the running statistics, and their eval forms.
+_UPDATING_BATCH_NORMS = {
+    aten._batch_norm_with_update.default: aten._batch_norm_no_update.default,
+    aten._batch_norm_with_update_functional.default: aten._batch_norm_no_update.default,
+}
+_RUNNING_STATISTICS = (3, 4)  # positions of running_mean and running_var in BatchNorm arguments
+
+
+def use_eval_semantics(graph: fx.Graph) -> list[str]:
+    """Rewrite train-mode BatchNorm and Dropout nodes to eval mode; return the changed nodes.
+
+    BatchNorm then normalizes with the running statistics and never updates them, and
+    Dropout passes its input through. A BatchNorm without running statistics
+    (`track_running_stats=False`) uses batch statistics in both modes and is left alone.
+    """
+    changed = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _UPDATING_BATCH_NORMS:
+            functional = node.target is aten._batch_norm_with_update_functional.default
+            node.target = _UPDATING_BATCH_NORMS[node.target]
+            if functional:
+                _redirect_running_statistic_outputs(node, first=4)
+            changed.append(node.name)
+            continue
+        position = _TRAINING_FLAGS.get(node.target)
+        if position is None or not _flag(node, position):
+            continue
+        is_batch_norm = "norm" in str(node.target)
+        if is_batch_norm and any(_argument(node, slot) is None for slot in _RUNNING_STATISTICS):
+            continue
+        if node.target is aten._native_batch_norm_legit.default:
+            # Its schema marks the running statistics as written; the no-training form reads them.
+            arguments = [_argument(node, slot) for slot in range(len(node.target._schema.arguments))]
+            node.target = aten._native_batch_norm_legit_no_training.default
+            node.args, node.kwargs = (*arguments[:position], *arguments[position + 1 :]), {}
+        else:
+            _set_flag(node, position, False)
+        if node.target is aten._native_batch_norm_legit_functional.default:
+            _redirect_running_statistic_outputs(node, first=3)
+        changed.append(node.name)
+    if changed:
+        graph.lint()
+    return changed
+
+
+def _argument(node: fx.Node, position: int):
+    if position < len(node.args):
+        return node.args[position]
+    argument = node.target._schema.arguments[position]
+    return node.kwargs.get(argument.name, argument.default_value if argument.has_default_value() else None)
+
+
+def _flag(node: fx.Node, position: int) -> bool:
+    return bool(_argument(node, position))
+
+
+def _set_flag(node: fx.Node, position: int, value: bool) -> None:
+    if position < len(node.args):
+        node.args = (*node.args[:position], value, *node.args[position + 1 :])
+    else:
+        node.kwargs = {**node.kwargs, node.target._schema.arguments[position].name: value}
+
+
+def _redirect_running_statistic_outputs(node: fx.Node, first: int) -> None:
+    """Make readers of a functional BatchNorm's updated statistics read the unchanged ones."""
+    for user in list(node.users):
+        if user.target is operator.getitem and user.args[1] in (first, first + 1):
+            statistic = _argument(node, _RUNNING_STATISTICS[user.args[1] - first])
+            user.replace_all_uses_with(statistic)
+            user.graph.erase_node(user)
+
+
+def _reject_buffer_updates(module: fx.GraphModule, logits: fx.Node, path: Path) -> None:
+    """Raise ModelError if computing the scores would write to a parameter or buffer."""
+    needed = _ancestors([logits], stop=set())
+    for node in needed:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        for argument, value in zip(target._schema.arguments, node.args, strict=False):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, fx.Node) and value.op == "get_attr":
+                raise ModelError(
+                    f"{path}: the model writes to its state {value.target!r} in place while computing its "
+                    f"output ({_op_name(node)}); export it in eval mode (call model.eval() before torch.export)"
+                )
+
+
+def _batch_limits(input_node: fx.Node, program: torch.export.ExportedProgram) -> BatchLimits:
+    """Return the batch sizes the program accepts: its fixed batch, or its recorded range."""
+    value = input_node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return BatchLimits()
+    batch = value.shape[0]
+    if isinstance(batch, int):
+        return BatchLimits(batch, batch)
+    bounds = program.range_constraints.get(batch.node.expr)
+    if bounds is None:
+        return BatchLimits()
+    lower = int(bounds.lower) if isinstance(bounds.lower, (int, sympy.Integer)) else 1
+    upper = int(bounds.upper) if isinstance(bounds.upper, (int, sympy.Integer)) else None
+    return BatchLimits(max(lower, 1), upper)
+
+
+def _input_dtype(node: fx.Node, path: Path) -> torch.dtype:
+    value = node.meta.get("val")
+    dtype = value.dtype if isinstance(value, torch.Tensor) else torch.float32
+    if not dtype.is_floating_point:
+        raise ModelError(
+            f"{path}: the program's input has dtype {dtype}; wnplan feeds floating-point samples, so export "
+            "the model with a float input"
+        )
+    return dtype
+
+
+def suffix_boundary(site: fx.Node, carrying: set[fx.Node]) -> list[fx.Node]:
+    """Return the site node and every other value that nodes downstream of it read.
+
+    Every returned value carries the samples along its first axis (it is in `carrying`), so
+    callers can split, pad and stack them by sample. A value that does not (a symbolic
+    size, or a tensor computed from parameters alone such as a transposed weight) is
+    recomputed inside the suffix, from the values it needs.
+    """
     downstream = {site}
     for node in _following(site):
         if any(arg in downstream for arg in node.all_input_nodes):
             downstream.add(node)
     boundary = [site]
-    for node in _following(site):
-        if node not in downstream or node.op == "output":
-            continue
+    pending = [node for node in _following(site) if node in downstream and node.op != "output"]
+    recomputed: set[fx.Node] = set()
+    while pending:
+        node = pending.pop(0)
         for arg in node.all_input_nodes:
-            if arg not in downstream and arg.op != "get_attr" and arg not in boundary:
+            if arg in downstream or arg in recomputed or arg in boundary or arg.op == "get_attr":
+                continue
+            if arg in carrying:
                 boundary.append(arg)
+            else:
+                recomputed.add(arg)
+                pending.append(arg)
     return boundary
+
+
+def carries_samples(input_node: fx.Node, nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """Return the tensor nodes whose values depend on the input samples.
+
+    Symbolic sizes (SymInt values) and tensors computed from parameters alone do not.
+    """
+    carrying = {input_node}
+    for node in nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        if any(arg in carrying for arg in node.all_input_nodes):
+            carrying.add(node)
+    return carrying
 
 
 def build_graph_module(

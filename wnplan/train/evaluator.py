@@ -18,14 +18,15 @@ import torch
 
 from wnplan.data import Dataset
 from wnplan.errors import SettingsError
+from wnplan.evaluate import strided_subset, trial_noise
 from wnplan.models import Model
-from wnplan.noise import NoiseSpec, site_noise
+from wnplan.noise import NoiseSpec
 from wnplan.store import TrialResult
 from wnplan.sweep import Trial
 from wnplan.train import records
 from wnplan.train.layers import quantize_three_levels, quantize_two_levels
 from wnplan.train.measure import evaluate_noisy, evaluate_transformed
-from wnplan.train.trainer import TrainingConfig, TrainingSettings, chunk_size, train
+from wnplan.train.trainer import TrainingConfig, TrainingSettings, chunk_size, stacks_configurations, train
 from wnplan.train.twin import Twin, build_twin
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,11 @@ class TrainedEvaluator:
     """Runs trained-mode trials of one model and data set.
 
     Each trial trains its own copy of the model with noise at its sites (fine-tuning, or
-    from scratch), then measures its accuracy with noise at the same sites.
+    from scratch), then measures its accuracy with noise at the same sites. Each result's
+    `extra` contains the trained model's records: `mode`, `training` (the settings), `seeds`
+    (`trial`, `training` and the derived `streams`), `steps`, `final_loss`,
+    `clean_accuracy`, `weights` (mean |w| per conv/linear layer) and, for walking trials,
+    `activations` (histograms) and `binarization` (the self-binarization test).
 
     Args:
         model: the model; it is never modified.
@@ -67,6 +72,7 @@ class TrainedEvaluator:
         self.seed_of = seed_of
         self.settings = settings or TrainingSettings()
         self._twin: Twin | None = None
+        self._subsets: dict[int, Dataset] = {}
 
     @property
     def twin(self) -> Twin:
@@ -79,14 +85,20 @@ class TrainedEvaluator:
         """Return the training configuration of a trial.
 
         The training seed (data order, initial weights) is the seed of the same trial at
-        σ = 0, so the models of one repeat at different σ start alike and see the same
-        batches. The training noise seed derives from the trial's own seed.
+        σ = 0 on all data, so the models of one repeat at different σ start alike and see
+        the same batches. The training noise seed derives from the trial's own seed.
         """
-        levels = tuple(
-            (index, site_noise(self.noise, trial.sigma, self.scales.get(index, 1.0))) for index in trial.sites
-        )
-        training_seed = self.seed_of(dataclasses.replace(trial, sigma=0.0))
-        return TrainingConfig(levels, training_seed, self.seed_of(trial))
+        levels = tuple((index, trial_noise(self.noise, trial, self.scales.get(index, 1.0))) for index in trial.sites)
+        return TrainingConfig(levels, self.seed_of(_at_zero_sigma(trial)), self.seed_of(trial))
+
+    def data_for(self, trial: Trial) -> Dataset:
+        """Return the trial's evaluation data: all of it, or the evenly strided subset of `trial.samples`."""
+        samples = getattr(trial, "samples", None)
+        if samples is None or samples >= len(self.eval_data):
+            return self.eval_data
+        if samples not in self._subsets:
+            self._subsets[samples] = strided_subset(self.eval_data, samples)
+        return self._subsets[samples]
 
     def run_group(self, trials: Sequence[Trial]) -> Iterator[TrialResult]:
         """Train and measure the trials, yielding one result per trial in order.
@@ -98,12 +110,10 @@ class TrainedEvaluator:
             return
         _check_group(trials)
         twin = self.twin
-        configs = [self.config_of(trial) for trial in trials]
-        size = chunk_size(twin, self.settings, len(configs))
+        size = chunk_size(twin, self.settings, len(trials))
         logger.info("training %d models at sites %s in chunks of %d", len(trials), list(trials[0].sites), size)
-        for start in range(0, len(trials), size):
-            chunk = trials[start : start + size]
-            yield from self._run_chunk(twin, chunk, configs[start : start + size])
+        for chunk in _chunks(trials, size):
+            yield from self._run_chunk(twin, chunk, [self.config_of(trial) for trial in chunk])
 
     def _run_chunk(
         self, twin: Twin, trials: Sequence[Trial], configs: Sequence[TrainingConfig]
@@ -111,15 +121,16 @@ class TrainedEvaluator:
         started = time.perf_counter()
         trained = train(twin, configs, self.train_data, self.settings)
         seeds = [self.seed_of(trial) for trial in trials]
+        data = self.data_for(trials[0])
         evaluation = evaluate_noisy(
-            twin, [config.levels for config in configs], seeds, trained.tensors, self.eval_data,
-            self.settings.eval_batch_size, self.settings.vectorize, RECORD_SAMPLES,
+            twin, [config.levels for config in configs], seeds, trained.tensors, data,
+            self.settings.eval_batch_size, stacks_configurations(twin, self.settings), RECORD_SAMPLES,
         )
-        clean = self._accuracy_with(twin, configs[0].sites[0], trained.tensors, _identity, [])
-        binarization = self._binarization(twin, configs, trained.tensors, evaluation, clean)
+        clean = self._accuracy_with(twin, data, configs[0].sites[0], trained.tensors, _identity, [])
+        binarization = self._binarization(twin, data, configs, trained.tensors, evaluation, clean)
         seconds = (time.perf_counter() - started) / len(trials)
 
-        total = len(self.eval_data)
+        total = len(data)
         for position, (trial, config) in enumerate(zip(trials, configs, strict=True)):
             extra = {
                 "mode": "trained",
@@ -145,23 +156,23 @@ class TrainedEvaluator:
                 extra["binarization"] = binarization[position]
             yield TrialResult(evaluation.correct[position], total, extra, seconds)
 
-    def _accuracy_with(self, twin, site, tensors, transform, arguments) -> list[int]:
+    def _accuracy_with(self, twin, data, site, tensors, transform, arguments) -> list[int]:
         """Return correct counts per configuration with `transform` at one site and no noise."""
         return evaluate_transformed(
-            twin, site, transform, arguments, tensors, self.eval_data, self.settings.eval_batch_size,
-            self.settings.vectorize,
+            twin, site, transform, arguments, tensors, data, self.settings.eval_batch_size,
+            stacks_configurations(twin, self.settings),
         )
 
-    def _binarization(self, twin, configs, tensors, evaluation, clean) -> list[dict[str, Any]] | None:
+    def _binarization(self, twin, data, configs, tensors, evaluation, clean) -> list[dict[str, Any]] | None:
         """Return the self-binarization test per configuration, for one walking site."""
         if evaluation.clean_values is None:
             return None
         site = configs[0].sites[0]
         binary = [records.binary_levels(values) for values in evaluation.clean_values]
         ternary = [records.ternary_levels(values) for values in evaluation.clean_values]
-        binary_correct = self._accuracy_with(twin, site, tensors, quantize_two_levels, _per_config(binary))
-        ternary_correct = self._accuracy_with(twin, site, tensors, quantize_three_levels, _per_config(ternary))
-        total = len(self.eval_data)
+        binary_correct = self._accuracy_with(twin, data, site, tensors, quantize_two_levels, _per_config(binary))
+        ternary_correct = self._accuracy_with(twin, data, site, tensors, quantize_three_levels, _per_config(ternary))
+        total = len(data)
         return [
             records.binarization_record(
                 clean[k] / total, binary_correct[k] / total, ternary_correct[k] / total, binary[k], ternary[k]
@@ -175,6 +186,29 @@ class TrainedEvaluator:
         weights = {name: tensors[name][position].numpy() for name in names}
         labels = {name: twin.roles[name].label for name in weights}
         return records.mean_absolute_weights(weights, labels)
+
+
+def _at_zero_sigma(trial: Trial) -> Trial:
+    """Return the trial at σ = 0 on all data, whose seed is the training seed of every σ."""
+    fields = {field.name for field in dataclasses.fields(trial)}
+    changes: dict[str, Any] = {"sigma": 0.0}
+    if "sigma_pair" in fields and trial.sigma_pair is not None:
+        changes["sigma_pair"] = (0.0, 0.0)
+    if "samples" in fields:
+        changes["samples"] = None
+    return dataclasses.replace(trial, **changes)
+
+
+def _chunks(trials: Sequence[Trial], size: int) -> Iterator[Sequence[Trial]]:
+    """Split trials, in order, into runs of at most `size` that share their data subset."""
+    start = 0
+    while start < len(trials):
+        end = start + 1
+        samples = getattr(trials[start], "samples", None)
+        while end < len(trials) and end - start < size and getattr(trials[end], "samples", None) == samples:
+            end += 1
+        yield trials[start:end]
+        start = end
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class BatchNormSwitch(nn.Module):
 
     In train mode the running statistics are updated in place, as `nn.BatchNorm*` does:
     running = (1 − momentum) · running + momentum · batch statistic (unbiased variance).
-    The module holds no tensors: weight, bias and running statistics are graph inputs, so
+    The module contains no tensors: weight, bias and running statistics are graph inputs, so
     that each configuration can supply its own.
 
     Args:

@@ -15,9 +15,14 @@ import torch
 from torch.func import functional_call
 
 from wnplan.data import Dataset
-from wnplan.noise import SiteNoise, draw_noise
+from wnplan.noise import NOISE_BLOCK, SiteNoise, draw_noise
 from wnplan.train.layers import inject_noise
 from wnplan.train.twin import Twin
+
+FLOAT_BYTES = 4
+# Activation memory of one stacked evaluation pass (all K models), about that of one model's
+# pass of 1024 samples through LeNet-5. Larger passes stream memory and run slower per sample.
+STACKED_PASS_BYTES = 64 << 20
 
 
 class ConfigurationRunner:
@@ -46,9 +51,25 @@ class ConfigurationRunner:
         self.names = twin.stacked_names()
         self.tensors = tensors
         self.count = next(iter(tensors.values())).shape[0]
+        self.sample_bytes = FLOAT_BYTES * twin.sample_numel
         self.vectorize = vectorize
         build = twin.stacked_site_module if vectorize else twin.site_module
         self.module = build(sites, transform, arity, return_sites).eval()
+
+    def batch_size(self, samples: int) -> int:
+        """Return the samples per pass: `samples`, or fewer for a stacked pass that would be large.
+
+        A stacked pass keeps its activations within STACKED_PASS_BYTES, in whole noise blocks
+        where possible, because a chunk that ends inside a block makes `draw_noise` draw that
+        block again for the next chunk.
+        """
+        if not self.vectorize:
+            return samples
+        fitting = STACKED_PASS_BYTES // max(1, self.count * self.sample_bytes)
+        size = min(samples, fitting)
+        if size >= NOISE_BLOCK:
+            size -= size % NOISE_BLOCK
+        return max(1, size)
 
     def __call__(self, x: torch.Tensor, site_args: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """Return the module's outputs for samples x (N, ...) shared by all configurations, each (K, ...)."""
@@ -98,7 +119,8 @@ def evaluate_noisy(
         seeds: per configuration, the evaluation noise seed (the trial seed).
         tensors: the trained tensors, each (K, ...).
         data: evaluation data.
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass (see `ConfigurationRunner.batch_size` for
+            stacked passes).
         vectorize: run the configurations stacked.
         record_samples: number of first samples whose site values are returned (one noisy
             site only).
@@ -106,9 +128,10 @@ def evaluate_noisy(
     sites = [index for index, _ in levels[0]]
     keep_values = len(sites) == 1 and record_samples > 0
     runner = ConfigurationRunner(twin, sites, inject_noise, 2, tensors, vectorize, return_sites=keep_values)
+    batch_size = runner.batch_size(batch_size)
     correct = np.zeros(len(levels), dtype=np.int64)
     clean_parts, noisy_parts = [], []
-    kept = 0
+    recorded = 0
 
     for start in range(0, len(data), batch_size):
         x = torch.from_numpy(data.x[start : start + batch_size])
@@ -116,11 +139,11 @@ def evaluate_noisy(
         arguments = _evaluation_noise(twin, levels, seeds, start, x.shape[0])
         outputs = runner(x, arguments)
         correct += (outputs[0].argmax(dim=-1) == labels).sum(dim=1).numpy()
-        if keep_values and kept < record_samples:
-            take = min(record_samples - kept, x.shape[0])
+        if keep_values and recorded < record_samples:
+            take = min(record_samples - recorded, x.shape[0])
             clean_parts.append(outputs[1][:, :take].numpy())
             noisy_parts.append(outputs[2][:, :take].numpy())
-            kept += take
+            recorded += take
 
     clean = np.concatenate(clean_parts, axis=1) if clean_parts else None
     noisy = np.concatenate(noisy_parts, axis=1) if noisy_parts else None
@@ -161,6 +184,7 @@ def evaluate_transformed(
         arguments: per-configuration values, each (K,) or None, passed to the transform.
     """
     runner = ConfigurationRunner(twin, [site], transform, len(arguments), tensors, vectorize)
+    batch_size = runner.batch_size(batch_size)
     correct = np.zeros(next(iter(tensors.values())).shape[0], dtype=np.int64)
     for start in range(0, len(data), batch_size):
         x = torch.from_numpy(data.x[start : start + batch_size])

@@ -1,6 +1,6 @@
 """PyTorch functions with ONNX semantics, called from graphs that the ONNX converter builds.
 
-Each function takes one sample batch as ONNX sees it. Functions whose meaning depends on
+Each function takes one batch of samples in ONNX's layout. Functions whose meaning depends on
 the leading dimensions also register a stacked form (see `wnplan.train.stacked`), which
 takes tensors with one more leading (configuration) dimension.
 """

@@ -165,11 +165,11 @@ class _Builder:
             self.env[name] = self.graph.get_attr(self._register(name))
         return self.env[name]
 
-    def static(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
+    def static(self, name: str, node: onnx.NodeProto, description: str) -> np.ndarray:
         """Return the constant value of an input that must be known when converting."""
         if name not in self.constants:
             label = f"{node.op_type} node {node.name or node.output[0]!r}"
-            problem = f"{label} computes its {what} at run time, but trained mode needs it as a constant"
+            problem = f"{label} computes its {description} at run time, but trained mode needs it as a constant"
             raise ModelError(f"{self.source}: {problem}; re-export the model with constant shapes")
         return self.constants[name]
 

@@ -135,7 +135,7 @@ class StackedBatchNorm(nn.Module):
         size, batch, channels = x.shape[0], x.shape[1], x.shape[2]
         # (K, N, C, ...) becomes (N, K·C, ...). The merged running statistics are views of the
         # stacked (K, C) buffers, so the in-place update of a training step lands there.
-        merged = x.movedim(0, 1).reshape(batch, size * channels, *x.shape[3:])
+        merged = x.movedim(0, 1).reshape(batch, size * channels, *x.shape[3:]).contiguous()
         statistics = [value.reshape(-1) for value in (running_mean, running_var)]
         sources = (running_mean, running_var)
         if any(value.data_ptr() != source.data_ptr() for value, source in zip(statistics, sources, strict=True)):
@@ -145,7 +145,10 @@ class StackedBatchNorm(nn.Module):
             merged, statistics[0], statistics[1], affine[0], affine[1],
             self.training, self.switch.momentum, self.switch.eps,
         )
-        return self.switch.wrap(output.reshape(batch, size, channels, *x.shape[3:]).movedim(1, 0))
+        # Contiguous outputs (and inputs above) keep the CPU kernels of BatchNorm and of the
+        # following operators on their fast paths; the copies cost far less.
+        output = output.reshape(batch, size, channels, *x.shape[3:]).movedim(1, 0).contiguous()
+        return self.switch.wrap(output)
 
 
 def build_stacked_graph(
@@ -167,8 +170,8 @@ def build_stacked_graph(
         stacked_tensors: placeholders of `graph` for the stacked trained tensors, by name;
             get_attr nodes of other tensors stay shared by all configurations.
         modules: filled with the submodules the new graph calls, by target name.
-        after: called with (source node, new node) after each copied node; returns the node
-            that users of the source node read (for example with noise inserted).
+        after: called with (source node, new node) after each copied node. It returns the
+            node that users of the source node read, for example one with noise inserted.
     """
     env: dict[fx.Node, fx.Node] = {}
     stacked: set[fx.Node] = set()
@@ -285,10 +288,7 @@ def elementwise_call(target: Callable, flags: Sequence) -> Callable:
 
 
 def _elementwise(target, flags, *args, **kwargs):
-    ranks = [
-        (arg.dim() - 1 if flag else arg.dim()) if isinstance(arg, torch.Tensor) else 0
-        for arg, flag in zip(args, flags, strict=True)
-    ]
+    ranks = [_rank(arg, flag) for arg, flag in zip(args, flags, strict=True)]
     rank = max(ranks)
     aligned = [
         arg.reshape(arg.shape[0], *([1] * (rank - own)), *arg.shape[1:])
@@ -297,6 +297,13 @@ def _elementwise(target, flags, *args, **kwargs):
         for arg, flag, own in zip(args, flags, ranks, strict=True)
     ]
     return target(*aligned, **kwargs)
+
+
+def _rank(value, flag) -> int:
+    """Return the per-configuration rank of an argument (0 for non-tensors)."""
+    if not isinstance(value, torch.Tensor):
+        return 0
+    return value.dim() - 1 if flag is True else value.dim()
 
 
 def _batch_merged(target, x, *args, **kwargs):
@@ -351,6 +358,9 @@ def _shift_one(dim: int) -> int:
 
 def _linear_or_conv(target, flags, x, weight, bias=None, *rest, **kwargs):
     name = op_name(target)
+    if name == "convolution" and rest[3]:
+        # Transposed convolutions have no stacked form here; vmap batches them.
+        return _vmapped(target, flags, (), x, weight, bias, *rest, **kwargs)
     weight_stacked = flags[1] is True
     bias_stacked = len(flags) > 2 and flags[2] is True
     if flags[0] is not True:
@@ -358,8 +368,6 @@ def _linear_or_conv(target, flags, x, weight, bias=None, *rest, **kwargs):
         x = x.expand(size, *x.shape)
     if name == "linear":
         return _stacked_linear(x, weight, bias, weight_stacked, bias_stacked)
-    if name == "convolution" and rest[3]:
-        raise NotImplementedError("transposed convolutions are not stacked; they run through vmap")
     if name == "convolution":
         rest = (rest[0], rest[1], rest[2], rest[5])
     return _stacked_conv(x, weight, bias, weight_stacked, bias_stacked, rest, kwargs)
@@ -368,17 +376,22 @@ def _linear_or_conv(target, flags, x, weight, bias=None, *rest, **kwargs):
 def _stacked_linear(x, weight, bias, weight_stacked: bool, bias_stacked: bool) -> torch.Tensor:
     size = x.shape[0]
     flat = x.reshape(size, -1, x.shape[-1])
-    if weight_stacked:
-        # (W @ xᵀ)ᵀ makes autograd produce the weight gradient as grad_outᵀ @ x, already
-        # in the weight's layout.
+    if weight_stacked and not flat.requires_grad:
+        # (W @ xᵀ)ᵀ makes autograd produce the weight gradient as grad_outᵀ @ x, already in
+        # the weight's layout, where x @ Wᵀ would produce it transposed and copy it.
         output = (weight @ flat.mT).mT
+        features = weight.shape[1]
+    elif weight_stacked:
+        # When x needs a gradient too, x @ Wᵀ makes that gradient contiguous. This keeps the
+        # backward kernels of earlier layers on their fast paths, and costs one weight-gradient copy.
+        output = flat @ weight.mT
         features = weight.shape[1]
     else:
         output = flat @ weight.mT
         features = weight.shape[0]
     if bias is not None:
         output = output + (bias.unsqueeze(1) if bias_stacked else bias)
-    return output.reshape(*x.shape[:-1], features)
+    return output.contiguous().reshape(*x.shape[:-1], features)
 
 
 def _stacked_conv(x, weight, bias, weight_stacked, bias_stacked, rest, kwargs) -> torch.Tensor:

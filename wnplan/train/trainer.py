@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from wnplan.data import Dataset
 from wnplan.errors import SettingsError
 from wnplan.noise import SiteNoise, derive_seed
+from wnplan.train.batches import StepInputs
 from wnplan.train.layers import inject_noise, inject_noise_forward_only
 from wnplan.train.twin import Twin
 
@@ -41,11 +42,14 @@ FLOAT_BYTES = 4
 ACTIVATION_COPIES = 3
 # Copies of each parameter: the value, its gradient, and two Adam moments.
 PARAMETER_COPIES = 4
+# Largest activation memory of one configuration's training step that still stacks by default.
+# NOTE: set from two models measured on one 2-core machine; other CPUs have other caches.
+AUTO_STACK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """How trained mode trains each model.
+    """Training settings of trained mode, applied to every model it trains.
 
     Attributes:
         epochs: passes over the training data.
@@ -62,9 +66,10 @@ class TrainingSettings:
         train_limit: use only the first `train_limit` training samples; None uses all.
         device: torch device; only "cpu" is supported.
         memory_limit: bytes that one chunk of configurations may use; larger groups are split.
-        vectorize: train the configurations of a chunk together; False trains them one after
-            another, each with its own module and optimizer.
-        eval_batch_size: samples per forward pass during evaluation.
+        vectorize: True trains the configurations of a chunk together, False one after
+            another (each with its own module and optimizer), and None picks per model (see
+            `stacks_configurations`).
+        eval_batch_size: samples per forward pass of one model during evaluation.
     """
 
     epochs: int = 1
@@ -78,7 +83,7 @@ class TrainingSettings:
     train_limit: int | None = None
     device: str = "cpu"
     memory_limit: int = 2 << 30
-    vectorize: bool = True
+    vectorize: bool | None = None
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -181,11 +186,26 @@ def train(
     if any(config.sites != sites for config in configs):
         raise SettingsError("configurations trained together must have the same noisy sites")
     x, y = _training_tensors(data, settings)
-    if settings.vectorize:
+    if stacks_configurations(twin, settings):
         return _train_stacked(twin, sites, configs, x, y, settings)
     trained = [_train_alone(twin, sites, config, x, y, settings) for config in configs]
     tensors = {name: torch.cat([models.tensors[name] for models in trained]) for name in twin.stacked_names()}
     return TrainedModels(tensors, trained[0].steps, [models.final_loss[0] for models in trained])
+
+
+def stacks_configurations(twin: Twin, settings: TrainingSettings) -> bool:
+    """Return whether configurations of this twin train and evaluate stacked.
+
+    With `settings.vectorize` None, they stack when one configuration's activations of a
+    training step fit in AUTO_STACK_BYTES. Stacking K models multiplies the memory that
+    element-wise operators, pooling and BatchNorm stream through, and once that leaves the
+    CPU caches these operators slow down by more than the per-call overhead that stacking
+    saves. The benchmark measured LeNet-5 with BatchNorm (8 MB per configuration) slower
+    stacked, and the BatchNorm MLP (1 MB) about twice as fast.
+    """
+    if settings.vectorize is not None:
+        return settings.vectorize
+    return twin.sample_numel * settings.batch_size * FLOAT_BYTES <= AUTO_STACK_BYTES
 
 
 def _training_tensors(data: Dataset, settings: TrainingSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +312,9 @@ def _run_steps(twin, sites, configs, x, y, settings, forward, parameters, clampe
     )
     order_generators = [torch.Generator().manual_seed(c.stream_seeds()["data_order"]) for c in configs]
     noise_generators = [torch.Generator().manual_seed(c.stream_seeds()["training_noise"]) for c in configs]
+    levels = [[level for _, level in config.levels] for config in configs]
     shapes = [twin.site_shapes[index] for index in sites]
+    inputs = StepInputs(levels, shapes, noise_generators, x, y, settings.batch_size)
     losses = [math.nan] * len(configs)
 
     for _ in range(settings.epochs):
@@ -301,9 +323,10 @@ def _run_steps(twin, sites, configs, x, y, settings, forward, parameters, clampe
             indices = orders[:, start : start + settings.batch_size]
             if indices.shape[1] < 2:
                 continue  # BatchNorm cannot normalise a single sample
-            noise = draw_training_noise(configs, shapes, indices.shape[1], noise_generators)
-            logits = forward(x[indices], noise)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), y[indices].flatten(), reduction="none")
+            noise = inputs.draw_noise(indices.shape[1])
+            samples, labels = inputs.gather(indices)
+            logits = forward(samples, noise)
+            per_sample = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
             per_config = per_sample.view(len(configs), -1).mean(dim=1)
             optimizer.zero_grad(set_to_none=True)
             per_config.sum().backward()
@@ -323,42 +346,6 @@ def make_optimizer(parameters: list[torch.Tensor], settings: TrainingSettings) -
     if settings.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=settings.lr, fused=True)
     return torch.optim.SGD(parameters, lr=settings.lr, momentum=SGD_MOMENTUM, fused=True)
-
-
-def draw_training_noise(
-    configs: Sequence[TrainingConfig],
-    shapes: Sequence[tuple[int, ...]],
-    batch: int,
-    generators: Sequence[torch.Generator],
-) -> list[torch.Tensor | None]:
-    """Draw fresh (mul, add) inputs for one training step, stacked (K, batch, *site shape).
-
-    Each configuration draws from its own generator, site by site, the multiplicative part
-    first, and only the parts its own noise has. Where another configuration of the chunk
-    needs a part that this one lacks, this one gets ones (mul) or zeros (add), which leave
-    its values unchanged. Returns [mul, add] per site, None where no configuration has it.
-    """
-    arguments: list[torch.Tensor | None] = []
-    per_site = [[level for _, level in config.levels] for config in configs]
-    for position, shape in enumerate(shapes):
-        size = (batch, *shape)
-        levels = [site_levels[position] for site_levels in per_site]
-        any_mul = any(level.sigma_mul > 0 for level in levels)
-        any_add = any(level.sigma_add > 0 for level in levels)
-        muls, adds = [], []
-        for level, generator in zip(levels, generators, strict=True):
-            mul = add = None
-            if level.sigma_mul > 0:
-                mul = torch.randn(size, generator=generator).mul_(level.sigma_mul).add_(1.0)
-            if level.sigma_add > 0:
-                add = torch.randn(size, generator=generator).mul_(level.sigma_add)
-            if level.add_first and mul is not None and add is not None:
-                add = add * mul
-            muls.append(mul if mul is not None else torch.ones(size))
-            adds.append(add if add is not None else torch.zeros(size))
-        arguments.append(torch.stack(muls) if any_mul else None)
-        arguments.append(torch.stack(adds) if any_add else None)
-    return arguments
 
 
 def bytes_per_configuration(twin: Twin, settings: TrainingSettings) -> int:

@@ -8,7 +8,7 @@ A twin is a torch.fx GraphModule with its own copy of the model's parameters and
 - from an ONNX model, the graph is converted by `wnplan.train.onnx_to_torch`.
 
 Each wnplan site index maps to the graph node after which noise goes. The user's model
-object and file are never modified: the twin deep-copies every tensor it holds.
+object and file are never modified, because the twin clones every tensor it uses.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _BATCH_NORM_TARGETS = {
 
 @dataclass(frozen=True)
 class TensorRole:
-    """What a parameter or buffer of a twin is.
+    """The role of one parameter or buffer of a twin.
 
     Attributes:
         kind: one of TRAINABLE_KINDS or RUNNING_KINDS.
