@@ -18,17 +18,17 @@ def check_bounds(sites: int, budget: int, minimum: int, maximum: int) -> None:
     if minimum < 0 or maximum < minimum:
         raise SettingsError(
             f"invalid execution bounds: --min-executions {minimum} and --max-executions {maximum}; "
-            "expected 0 ≤ min ≤ max"
+            + "expected 0 ≤ min ≤ max"
         )
     if sites * minimum > budget:
         raise SettingsError(
             f"--budget {budget} is smaller than {minimum} execution(s) for each of the {sites} "
-            f"unshielded sites; pass --budget {sites * minimum} or more"
+            + f"unshielded sites; pass --budget {sites * minimum} or more"
         )
     if sites * maximum < budget:
         raise SettingsError(
             f"--budget {budget} exceeds --max-executions {maximum} for each of the {sites} "
-            f"unshielded sites; raise --max-executions to at least {-(-budget // sites)}"
+            + f"unshielded sites; raise --max-executions to at least {-(-budget // sites)}"
         )
 
 

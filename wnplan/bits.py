@@ -66,7 +66,8 @@ def bit_hint(
     if not offered:
         return record | {
             "bits": None,
-            "reason": f"needs {needed} bits, more than the widest offered ({max(widths)}); keep this site wide or shield it",
+            "reason": f"needs {needed} bits, more than the widest offered ({max(widths)}); "
+            + "keep this site wide or shield it",
         }
     return record | {
         "bits": offered[0],

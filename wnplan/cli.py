@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from wnplan import records, runtime
 from wnplan._version import __version__
@@ -73,8 +73,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 
 @app.command()
-def sites(model: ModelArgument, data: Annotated[str | None, typer.Option(help="Data, needed only for state dicts.")] = None,
-          factory: FactoryOption = None, trust: TrustOption = False, as_json: JsonOption = False) -> None:
+def sites(
+    model: ModelArgument,
+    data: Annotated[str | None, typer.Option(help="Data, needed only for state dicts.")] = None,
+    factory: FactoryOption = None,
+    trust: TrustOption = False,
+    as_json: JsonOption = False,
+) -> None:
     """List the noise sites of a model: index, name, op, output shape and parameter count."""
     from wnplan.models import load_model
     from wnplan.profiler import resolve_data
@@ -106,42 +111,126 @@ def _parse_sigmas(text: str | None) -> tuple[float, ...] | None:
 @app.command()
 def profile(
     model: ModelArgument,
-    data: Annotated[str | None, typer.Option(help="Evaluation data: a .npz file (x, y), an IDX folder, fashion-mnist[:test|:train] or digits[:test|:train]. Default: the model's declared data.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluation data: a .npz file (x, y), an IDX folder, fashion-mnist[:test|:train] or digits[:test|:train]. Default: the model's declared data."
+        ),
+    ] = None,
     noise: Annotated[str, typer.Option(help=f"Noise kind: {', '.join(NOISE_KINDS)}.")] = "additive",
     order: Annotated[str, typer.Option(help=f"Order of mixed noise: {', '.join(NOISE_ORDERS)}.")] = "mul-first",
     mix_ratio: Annotated[float, typer.Option(help="Mixed noise ratio r: σ_add = A·r, σ_mul = A·(1−r).")] = 0.5,
-    scope: Annotated[str, typer.Option(help="walking (one site at a time), global (all sites at once) or both. The global midpoint is check's default σ.")] = "both",
-    sites_selection: Annotated[str | None, typer.Option("--sites", help="Sites for walking noise: indices, ranges (2-5), names or op types, comma-separated. Default: all.")] = None,
-    mode: Annotated[str, typer.Option(help="inference: the clean-trained model runs with noise; trained: each point fine-tunes (or trains) a copy with that noise; both.")] = "inference",
-    train_data: Annotated[str | None, typer.Option(help="Trained mode: training data, in the forms of --data. Default: the :train split of a built-in --data.")] = None,
-    train_limit: Annotated[int | None, typer.Option(help="Trained mode: use only the first N training samples.")] = None,
+    scope: Annotated[
+        str,
+        typer.Option(
+            help="walking (one site at a time), global (all sites at once) or both. The global midpoint is check's default σ."
+        ),
+    ] = "both",
+    sites_selection: Annotated[
+        str | None,
+        typer.Option(
+            "--sites",
+            help="Sites for walking noise: indices, ranges (2-5), names or op types, comma-separated. Default: all.",
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="inference: the clean-trained model runs with noise; trained: each point fine-tunes (or trains) a copy with that noise; both."
+        ),
+    ] = "inference",
+    train_data: Annotated[
+        str | None,
+        typer.Option(
+            help="Trained mode: training data, in the forms of --data. Default: the :train split of a built-in --data."
+        ),
+    ] = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Trained mode: use only the first N training samples.")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Trained mode: epochs per trained model.")] = 1,
     lr: Annotated[float, typer.Option(help="Trained mode: (peak) learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Trained mode: samples per training step.")] = 128,
     optimizer: Annotated[str, typer.Option(help="Trained mode: adam or sgd.")] = "adam",
     schedule: Annotated[str, typer.Option(help="Trained mode: cosine or none.")] = "cosine",
-    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Trained mode: re-initialise the weights instead of fine-tuning them.")] = False,
-    clamp_weights: Annotated[float | None, typer.Option(help="Trained mode: clamp conv/linear weights (not BatchNorm, not biases) to [−C, C] after each step.")] = None,
-    grad: Annotated[str, typer.Option(help="Trained mode: forward-only (noise ignored by the backward pass) or autograd.")] = "forward-only",
+    from_scratch: Annotated[
+        bool,
+        typer.Option("--from-scratch", help="Trained mode: re-initialise the weights instead of fine-tuning them."),
+    ] = False,
+    clamp_weights: Annotated[
+        float | None,
+        typer.Option(
+            help="Trained mode: clamp conv/linear weights (not BatchNorm, not biases) to [−C, C] after each step."
+        ),
+    ] = None,
+    grad: Annotated[
+        str, typer.Option(help="Trained mode: forward-only (noise ignored by the backward pass) or autograd.")
+    ] = "forward-only",
     repeats: Annotated[int, typer.Option(help="Independent noise draws per σ.")] = 3,
-    sigmas: Annotated[str | None, typer.Option(help="σ values to run exactly, comma-separated. Default: an adaptive log grid.")] = None,
-    relative: Annotated[str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")] = None,
+    sigmas: Annotated[
+        str | None, typer.Option(help="σ values to run exactly, comma-separated. Default: an adaptive log grid.")
+    ] = None,
+    relative: Annotated[
+        str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")
+    ] = None,
     fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "linear",
-    global_include_norm: Annotated[bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")] = False,
-    screen_samples: Annotated[int, typer.Option(help="Adaptive grid: locate each curve's fall on this many evenly spread samples first; 0 uses all data.")] = 1000,
-    target_error: Annotated[float, typer.Option(help="Adaptive grid: add repeats near µ until its standard error is below this fraction of µ; 0 turns it off.")] = 0.05,
+    global_include_norm: Annotated[
+        bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")
+    ] = False,
+    screen_samples: Annotated[
+        int,
+        typer.Option(
+            help="Adaptive grid: locate each curve's fall on this many evenly spread samples first; 0 uses all data."
+        ),
+    ] = 1000,
+    target_error: Annotated[
+        float,
+        typer.Option(
+            help="Adaptive grid: add repeats near µ until its standard error is below this fraction of µ; 0 turns it off."
+        ),
+    ] = 0.05,
     max_trials: Annotated[int, typer.Option(help="The most trials one curve (site or global) may run.")] = 200,
-    grid: Annotated[bool, typer.Option("--grid", help="With --noise mixed and --sites: map accuracy over σ_mul × σ_add (log grids, both orders) instead of curves.")] = False,
-    normalize: Annotated[str | None, typer.Option(help="MEAN,STD applied after scaling images to [0, 1]. Default: the model's declaration.")] = None,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            "--grid",
+            help="With --noise mixed and --sites: map accuracy over σ_mul × σ_add (log grids, both orders) instead of curves.",
+        ),
+    ] = False,
+    normalize: Annotated[
+        str | None,
+        typer.Option(help="MEAN,STD applied after scaling images to [0, 1]. Default: the model's declaration."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
-    seed: Annotated[int, typer.Option(help="Base seed; each trial's noise derives from it and the trial's identity.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Base seed; each trial's noise derives from it and the trial's identity.")
+    ] = 0,
     out: Annotated[Path, typer.Option(help="Profile file to write.")] = records.DEFAULT_PATHS["profile"],
-    store: Annotated[str, typer.Option(help="SQLite store of finished trials, for resuming; none keeps results in memory only.")] = str(DEFAULT_STORE),
+    store: Annotated[
+        str, typer.Option(help="SQLite store of finished trials, for resuming; none keeps results in memory only.")
+    ] = str(DEFAULT_STORE),
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and measure again.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")] = False,
-    threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch. Default: the libraries' own; 1 per worker with --workers.")] = None,
-    workers: Annotated[int, typer.Option(help="Run trials in N local worker processes (0: in this process); with --ray, the number of Ray workers.")] = 0,
-    ray: Annotated[str | None, typer.Option(help="Run trials on a Ray cluster: auto (join a running one), local (start one on 127.0.0.1), or HOST:PORT.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads for onnxruntime and torch. Default: the libraries' own; 1 per worker with --workers."
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Run trials in N local worker processes (0: in this process); with --ray, the number of Ray workers."
+        ),
+    ] = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run trials on a Ray cluster: auto (join a running one), local (start one on 127.0.0.1), or HOST:PORT."
+        ),
+    ] = None,
     factory: FactoryOption = None,
     trust: TrustOption = False,
     as_json: JsonOption = False,
@@ -153,10 +242,22 @@ def profile(
     _set_threads(threads)
     spec = NoiseSpec(noise, order, mix_ratio, relative or "absolute")
     settings = ProfileSettings(
-        noise=spec, scope=scope, sites=sites_selection, mode=mode, repeats=repeats,
-        sigmas=_parse_sigmas(sigmas), seed=seed, fit_space=fit_space, global_include_norm=global_include_norm,
-        maps=grid, screen_samples=screen_samples, target_error=target_error, max_trials=max_trials,
-        training=_training_settings(mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit),
+        noise=spec,
+        scope=scope,
+        sites=sites_selection,
+        mode=mode,
+        repeats=repeats,
+        sigmas=_parse_sigmas(sigmas),
+        seed=seed,
+        fit_space=fit_space,
+        global_include_norm=global_include_norm,
+        maps=grid,
+        screen_samples=screen_samples,
+        target_error=target_error,
+        max_trials=max_trials,
+        training=_training_settings(
+            mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit
+        ),
         train_data=train_data,
     )
     if dry_run:
@@ -169,8 +270,16 @@ def profile(
 
     with _progress("profiling") as advance:
         record = run_profile(
-            model, data, settings, normalize=normalize, limit=limit, factory=factory, trust=trust,
-            store=None if store == "none" else store, fresh=fresh, progress=advance,
+            model,
+            data,
+            settings,
+            normalize=normalize,
+            limit=limit,
+            factory=factory,
+            trust=trust,
+            store=None if store == "none" else store,
+            fresh=fresh,
+            progress=advance,
             execution=Execution(workers=workers, ray=ray, factory=factory, trust=trust),
         )
     records.write_record(record, "profile", out)
@@ -181,14 +290,23 @@ def profile(
         stderr.print(f"wrote {out}")
 
 
-def _training_settings(mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit):
+def _training_settings(
+    mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit
+):
     if mode == "inference":
         return None
     from wnplan.train.trainer import TrainingSettings
 
     return TrainingSettings(
-        epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, schedule=schedule,
-        from_scratch=from_scratch, clamp_weights=clamp_weights, grad=grad, train_limit=train_limit,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        schedule=schedule,
+        from_scratch=from_scratch,
+        clamp_weights=clamp_weights,
+        grad=grad,
+        train_limit=train_limit,
     )
 
 
@@ -204,7 +322,9 @@ def _estimate_seconds(loaded, dataset) -> float:
 
 def _print_profile(record: dict) -> None:
     clean = record["clean"]
-    table = Table(title=f"{record['model']['path']}: clean accuracy {clean['accuracy']:.4f} on {clean['samples']} samples")
+    table = Table(
+        title=f"{record['model']['path']}: clean accuracy {clean['accuracy']:.4f} on {clean['samples']} samples"
+    )
     both = record["settings"]["mode"] == "both"
     columns = ["site", "name", "op", "µ", "± error", "status"]
     if both:
@@ -231,7 +351,9 @@ def _print_profile(record: dict) -> None:
 
 
 def _map_table(grid: dict) -> Table:
-    table = Table(title=f"mixed noise at site {grid['site']} ({grid['name']}), {grid['order']}: accuracy, rows σ_mul, columns σ_add")
+    table = Table(
+        title=f"mixed noise at site {grid['site']} ({grid['name']}), {grid['order']}: accuracy, rows σ_mul, columns σ_add"
+    )
     table.add_column("σ_mul \\ σ_add", justify="right")
     for add in grid["sigma_add"]:
         table.add_column(f"{add:g}", justify="right")
@@ -256,17 +378,37 @@ AcceleratorOption = Annotated[
 
 @app.command()
 def allocate(
-    profile_path: Annotated[Path, typer.Argument(metavar="[PROFILE]", help="Profile file.")] = records.DEFAULT_PATHS["profile"],
+    profile_path: Annotated[Path, typer.Argument(metavar="[PROFILE]", help="Profile file.")] = records.DEFAULT_PATHS[
+        "profile"
+    ],
     budget: Annotated[int, typer.Option(help="Total executions over the unshielded profiled sites.")] = ...,
-    method: Annotated[str, typer.Option(help="optimal: predicted optimum refined by simulation; paper: executions ∝ 1/µ; uniform: as even as possible.")] = "optimal",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="optimal: predicted optimum refined by simulation; paper: executions ∝ 1/µ; uniform: as even as possible."
+        ),
+    ] = "optimal",
     accelerator: AcceleratorOption = None,
-    max_drop: Annotated[float, typer.Option(help="Accepted accuracy drop of the whole model for bit-width hints (fraction).")] = 0.01,
-    shield: Annotated[str, typer.Option(help="none, auto, or sites to run noise-free (indices, names or op types, comma-separated).")] = "none",
+    max_drop: Annotated[
+        float, typer.Option(help="Accepted accuracy drop of the whole model for bit-width hints (fraction).")
+    ] = 0.01,
+    shield: Annotated[
+        str, typer.Option(help="none, auto, or sites to run noise-free (indices, names or op types, comma-separated).")
+    ] = "none",
     max_shielded: Annotated[int, typer.Option(help="The most sites --shield auto may shield.")] = 2,
-    min_accuracy: Annotated[float | None, typer.Option(help="Predicted accuracy (fraction) that --shield auto aims for.")] = None,
+    min_accuracy: Annotated[
+        float | None, typer.Option(help="Predicted accuracy (fraction) that --shield auto aims for.")
+    ] = None,
     min_executions: Annotated[int, typer.Option(help="Fewest executions of an unshielded site.")] = 1,
-    max_executions: Annotated[int | None, typer.Option(help="Most executions of one site. Default: the budget.")] = None,
-    search_budget: Annotated[float, typer.Option(help="Seconds the optimal method may spend simulating candidate plans; 0 keeps the predicted optimum.")] = 60.0,
+    max_executions: Annotated[
+        int | None, typer.Option(help="Most executions of one site. Default: the budget.")
+    ] = None,
+    search_budget: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the optimal method may spend simulating candidate plans; 0 keeps the predicted optimum."
+        ),
+    ] = 60.0,
     search_repeats: Annotated[int, typer.Option(help="Noise draws per candidate plan in the search.")] = 8,
     seed: Annotated[int, typer.Option(help="Base seed of the search's noise draws.")] = 0,
     out: Annotated[Path, typer.Option(help="Plan file to write.")] = records.DEFAULT_PATHS["plan"],
@@ -281,13 +423,23 @@ def allocate(
     _set_threads(threads)
     profile_record = records.read_record(profile_path, "profile")
     settings = AllocationSettings(
-        budget=budget, method=method, accelerator=load_accelerator(accelerator) if accelerator else None,
-        max_drop=max_drop, shield=shield, max_shielded=max_shielded, min_accuracy=min_accuracy,
-        min_executions=min_executions, max_executions=max_executions, search_budget=search_budget,
-        search_repeats=search_repeats, seed=seed,
+        budget=budget,
+        method=method,
+        accelerator=load_accelerator(accelerator) if accelerator else None,
+        max_drop=max_drop,
+        shield=shield,
+        max_shielded=max_shielded,
+        min_accuracy=min_accuracy,
+        min_executions=min_executions,
+        max_executions=max_executions,
+        search_budget=search_budget,
+        search_repeats=search_repeats,
+        seed=seed,
     )
     with _progress("searching") as advance:
-        plan = run_allocate(profile_record, settings, profile_path=profile_path, progress=lambda done: advance(done, None))
+        plan = run_allocate(
+            profile_record, settings, profile_path=profile_path, progress=lambda done: advance(done, None)
+        )
     records.write_record(plan, "plan", out)
     if as_json:
         stdout.print_json(records.dumps(plan))
@@ -308,8 +460,13 @@ def _print_plan(plan: dict) -> None:
         predicted_site = site.get("predicted_accuracy")
         bits = site["bits"].get("bits")
         table.add_row(
-            str(site["index"]), site["name"], site["op"], f"{site['midpoint']:.4g}", str(site["executions"]),
-            "—" if bits is None else str(bits), "—" if predicted_site is None else f"{predicted_site:.4f}",
+            str(site["index"]),
+            site["name"],
+            site["op"],
+            f"{site['midpoint']:.4g}",
+            str(site["executions"]),
+            "—" if bits is None else str(bits),
+            "—" if predicted_site is None else f"{predicted_site:.4f}",
             site.get("shield_reason", "") if site["shield"] else "",
         )
     stdout.print(table)
@@ -319,10 +476,19 @@ def _print_plan(plan: dict) -> None:
 def check(
     plan_path: Annotated[Path, typer.Argument(metavar="[PLAN]", help="Plan file.")] = records.DEFAULT_PATHS["plan"],
     accelerator: AcceleratorOption = None,
-    sigma: Annotated[float | None, typer.Option(help="Without --accelerator: σ before averaging, in the profile's reference. Default: the profile's global midpoint.")] = None,
-    quantize: Annotated[bool, typer.Option("--quantize", help="Fake-quantize each unshielded site at its hinted bit width.")] = False,
+    sigma: Annotated[
+        float | None,
+        typer.Option(
+            help="Without --accelerator: σ before averaging, in the profile's reference. Default: the profile's global midpoint."
+        ),
+    ] = None,
+    quantize: Annotated[
+        bool, typer.Option("--quantize", help="Fake-quantize each unshielded site at its hinted bit width.")
+    ] = False,
     repeats: Annotated[int, typer.Option(help="Noise draws per allocation.")] = 10,
-    min_accuracy: Annotated[float | None, typer.Option(help="Fail (exit 1) when the plan's accuracy is below this fraction.")] = None,
+    min_accuracy: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) when the plan's accuracy is below this fraction.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the noise draws.")] = 0,
     out: Annotated[Path, typer.Option(help="Check file to write.")] = records.DEFAULT_PATHS["check"],
     threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
@@ -343,8 +509,17 @@ def check(
             done[0] += 1
             advance(done[0], total)
 
-        result = run_check(plan, accelerator=device, sigma=sigma, quantize=quantize, repeats=repeats, seed=seed,
-                           min_accuracy=min_accuracy, plan_path=plan_path, progress=step)
+        result = run_check(
+            plan,
+            accelerator=device,
+            sigma=sigma,
+            quantize=quantize,
+            repeats=repeats,
+            seed=seed,
+            min_accuracy=min_accuracy,
+            plan_path=plan_path,
+            progress=step,
+        )
     records.write_record(result, "check", out)
     if as_json:
         stdout.print_json(records.dumps(result))
@@ -371,8 +546,13 @@ def list_profiles(as_json: JsonOption = False) -> None:
     for accelerator in accelerators:
         noise = accelerator.kind + (f" ({accelerator.order})" if accelerator.kind == "mixed" else "")
         table.add_row(
-            accelerator.name, noise, f"{accelerator.sigma_add:g}", f"{accelerator.sigma_mul:g}",
-            accelerator.reference, ",".join(map(str, accelerator.bit_widths)), accelerator.description,
+            accelerator.name,
+            noise,
+            f"{accelerator.sigma_add:g}",
+            f"{accelerator.sigma_mul:g}",
+            accelerator.reference,
+            ",".join(map(str, accelerator.bit_widths)),
+            accelerator.description,
         )
     stdout.print(table)
 
@@ -393,9 +573,19 @@ def export_onnx(
 
 @app.command()
 def report(
-    source: Annotated[Path | None, typer.Argument(metavar="[FILE]", help="A profile, plan or check file. Default: the first of wnplan-check.json, wnplan-plan.json, wnplan-profile.json that exists.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for the figures (PNG and SVG) and report.html.")] = Path("wnplan-report"),
-    terminal: Annotated[bool, typer.Option("--terminal", help="Print a text bar chart of µ per site instead of writing files.")] = False,
+    source: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[FILE]",
+            help="A profile, plan or check file. Default: the first of wnplan-check.json, wnplan-plan.json, wnplan-profile.json that exists.",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the figures (PNG and SVG) and report.html.")] = Path(
+        "wnplan-report"
+    ),
+    terminal: Annotated[
+        bool, typer.Option("--terminal", help="Print a text bar chart of µ per site instead of writing files.")
+    ] = False,
 ) -> None:
     """Draw the profile, plan and check: figures (PNG, SVG) and a self-contained report.html."""
     from wnplan.report import load_sources, terminal_chart, write_report
@@ -414,7 +604,11 @@ def report(
 
 def _print_check(result: dict) -> None:
     settings = result["settings"]
-    where = f"σ = {settings['sigma']:.4g} ({settings['sigma_source']})" if settings["sigma"] is not None else f"accelerator {settings['accelerator']['name']}"
+    where = (
+        f"σ = {settings['sigma']:.4g} ({settings['sigma_source']})"
+        if settings["sigma"] is not None
+        else f"accelerator {settings['accelerator']['name']}"
+    )
     half = " on the held-out half" if settings.get("data_half") == "odd" else ""
     table = Table(title=f"accuracy at {where}, {settings['repeats']} draws{half}")
     for column in ("allocation", "accuracy", "95% interval", "predicted"):
@@ -422,7 +616,9 @@ def _print_check(result: dict) -> None:
     for name, entry in result["results"].items():
         predicted = entry.get("predicted_accuracy")
         table.add_row(
-            name, f"{entry['accuracy']:.4f}", f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
+            name,
+            f"{entry['accuracy']:.4f}",
+            f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]",
             "—" if predicted is None else f"{predicted:.4f}",
         )
     stdout.print(table)
@@ -440,8 +636,13 @@ class _progress:
 
     def __init__(self, description: str, total: int | None = None) -> None:
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
             disable=not stderr.is_terminal and os.environ.get("WNPLAN_PROGRESS") != "1",
         )
         self._task = self._bar.add_task(description, total=total)

@@ -102,11 +102,7 @@ def evaluate_allocations(
             for index in noisy_sites
         }
         for position, levels in enumerate(level_sets):
-            arrays = {
-                index: scale_noise(level, *draws[index])
-                for index, level in levels.items()
-                if not level.is_clean
-            }
+            arrays = {index: scale_noise(level, *draws[index]) for index, level in levels.items() if not level.is_clean}
             correct[position] += count_correct(model.run(x, arrays, quantize), labels)
     return correct
 
@@ -182,7 +178,9 @@ class InferenceEvaluator:
         results: dict[int, TrialResult] = {}
         by_data: dict[int | None, list[int]] = {}
         for position, trial in enumerate(trials):
-            by_data.setdefault(trial.samples if trial.samples and trial.samples < len(self.data) else None, []).append(position)
+            by_data.setdefault(trial.samples if trial.samples and trial.samples < len(self.data) else None, []).append(
+                position
+            )
         for samples, positions in by_data.items():
             started = time.perf_counter()
             group = [trials[position] for position in positions]
@@ -206,7 +204,9 @@ class InferenceEvaluator:
             width = max(1, min(len(trials), self.batch_bytes // max(per_trial, 1)))
             for first in range(0, len(trials), width):
                 batch = range(first, min(first + width, len(trials)))
-                logits = self._run_stacked(suffix, boundary, [levels[i] for i in batch], [seeds[i] for i in batch], site, start)
+                logits = self._run_stacked(
+                    suffix, boundary, [levels[i] for i in batch], [seeds[i] for i in batch], site, start
+                )
                 rows = boundary[0].shape[0]
                 for offset, index in enumerate(batch):
                     correct[index] += count_correct(logits[offset * rows : (offset + 1) * rows], labels)

@@ -47,7 +47,7 @@ def export_plan_to_onnx(plan: dict[str, Any], model_path: str | Path, out_path: 
     if file_sha256(model_path) != plan["profile"]["model"]["sha256"]:
         raise ModelError(
             f"{model_path} is not the model the plan was made for (sha256 differs from the profile's "
-            f"{plan['profile']['model']['path']}); pass that model file"
+            + f"{plan['profile']['model']['path']}); pass that model file"
         )
     try:
         model = onnx.load(str(model_path))
@@ -63,7 +63,9 @@ def export_plan_to_onnx(plan: dict[str, Any], model_path: str | Path, out_path: 
         _set_properties(node.metadata_props, _site_properties(site))
         annotated += 1
 
-    _set_properties(model.metadata_props, {"wnplan.plan": json.dumps(_summary(plan), sort_keys=True, separators=(",", ":"))})
+    _set_properties(
+        model.metadata_props, {"wnplan.plan": json.dumps(_summary(plan), sort_keys=True, separators=(",", ":"))}
+    )
     model.ir_version = max(model.ir_version, NODE_METADATA_IR_VERSION)
     check_model(model)
     _write_atomically(model.SerializeToString(), Path(out_path))

@@ -57,19 +57,14 @@ class NoiseSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in NOISE_KINDS:
-            raise SettingsError(
-                f"unknown noise kind {self.kind!r}: expected one of {', '.join(NOISE_KINDS)}"
-            )
+            raise SettingsError(f"unknown noise kind {self.kind!r}: expected one of {', '.join(NOISE_KINDS)}")
         if self.order not in NOISE_ORDERS:
-            raise SettingsError(
-                f"unknown noise order {self.order!r}: expected one of {', '.join(NOISE_ORDERS)}"
-            )
+            raise SettingsError(f"unknown noise order {self.order!r}: expected one of {', '.join(NOISE_ORDERS)}")
         if not 0.0 <= self.mix_ratio <= 1.0:
             raise SettingsError(f"invalid --mix-ratio {self.mix_ratio}: expected a value in [0, 1]")
         if self.reference not in REFERENCES:
             raise SettingsError(
-                f"unknown noise reference {self.reference!r}: expected one of "
-                f"{', '.join(REFERENCES)}"
+                f"unknown noise reference {self.reference!r}: expected one of " + f"{', '.join(REFERENCES)}"
             )
 
     def components(self, sigma: float) -> tuple[float, float]:

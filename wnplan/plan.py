@@ -93,7 +93,7 @@ class AllocationSettings:
         if self.min_executions < 1:
             raise SettingsError(
                 f"invalid --min-executions {self.min_executions}: every unshielded site runs at least once; "
-                "shield a site (--shield) to keep it off the accelerator"
+                + "shield a site (--shield) to keep it off the accelerator"
             )
         if self.search_repeats < 1:
             raise SettingsError(f"invalid --search-repeats {self.search_repeats}: expected at least 1")
@@ -130,7 +130,7 @@ def operating_point(profile: dict[str, Any], accelerator: Accelerator | None) ->
         if sigma is None:
             raise SettingsError(
                 "the profile has no global midpoint to plan for; profile with --scope both, or pass "
-                "--accelerator NAME|FILE"
+                + "--accelerator NAME|FILE"
             )
         levels = {index: _scaled(spec, sigma, scales[index]) for index in sites}
         return OperatingPoint(
@@ -139,12 +139,14 @@ def operating_point(profile: dict[str, Any], accelerator: Accelerator | None) ->
 
     if accelerator.kind != spec.kind:
         logger.warning(
-            "the accelerator's noise is %s but the profile measured %s noise; the plan is derived "
-            "from another kind of noise than it will meet",
-            accelerator.kind, spec.kind,
+            "the accelerator's noise is %s but the profile measured %s noise; the plan was derived from other noise",
+            accelerator.kind,
+            spec.kind,
         )
     accelerator_scales = profile_scales(profile, accelerator.reference)
-    profile_sigma = {index: _profile_axis_sigma(spec, accelerator, accelerator_scales[index], scales[index]) for index in sites}
+    profile_sigma = {
+        index: _profile_axis_sigma(spec, accelerator, accelerator_scales[index], scales[index]) for index in sites
+    }
     levels = {index: _accelerator_levels(accelerator, accelerator_scales[index]) for index in sites}
     return OperatingPoint(profile_sigma, levels, {"source": "accelerator", "accelerator": accelerator.name})
 
@@ -157,7 +159,9 @@ def _accelerator_levels(accelerator: Accelerator, scale: float) -> Callable[[int
     return lambda executions: accelerator.site_levels(scale, executions)
 
 
-def _profile_axis_sigma(spec: NoiseSpec, accelerator: Accelerator, accelerator_scale: float, profile_scale: float) -> float:
+def _profile_axis_sigma(
+    spec: NoiseSpec, accelerator: Accelerator, accelerator_scale: float, profile_scale: float
+) -> float:
     """Express the accelerator's noise as σ on the profile's axis (an approximation across kinds)."""
     additive = accelerator.sigma_add * accelerator_scale / profile_scale
     multiplicative = accelerator.sigma_mul
@@ -218,9 +222,7 @@ def allocate(
     """
     sites = [site for site in profile["sites"] if site.get("walking")]
     if not sites:
-        raise SettingsError(
-            "the profile has no walking-noise results; run `wnplan profile MODEL --scope both` first"
-        )
+        raise SettingsError("the profile has no walking-noise results; run `wnplan profile MODEL --scope both` first")
     point = _operating_point_for(profile, settings)
     fits = {site["index"]: FitResult.from_dict(site["walking"]["fit"]) for site in sites}
     losses = {}
@@ -277,7 +279,10 @@ def _choose_shields(profile, sites, settings, point, fits, losses) -> dict[int, 
     for site in sites:
         index = site["index"]
         sigma = point.profile_sigma[index] / math.sqrt(upper)
-        if float(predict_accuracy(fits[index], sigma)) <= chance + CHANCE_MARGIN and len(shields) < settings.max_shielded:
+        if (
+            float(predict_accuracy(fits[index], sigma)) <= chance + CHANCE_MARGIN
+            and len(shields) < settings.max_shielded
+        ):
             shields[index] = f"falls to chance under the accelerator's noise even at {upper} executions"
 
     if settings.min_accuracy is None:
@@ -287,11 +292,15 @@ def _choose_shields(profile, sites, settings, point, fits, losses) -> dict[int, 
         if len(active) <= 1:
             break
         counts = _predicted_counts(active, losses, settings)
-        per_site = {index: losses[index][count - settings.min_executions] for index, count in zip(active, counts, strict=True)}
+        per_site = {
+            index: losses[index][count - settings.min_executions] for index, count in zip(active, counts, strict=True)
+        }
         if profile["clean"]["accuracy"] - sum(per_site.values()) >= settings.min_accuracy:
             break
         worst = max(per_site, key=lambda index: (per_site[index], -index))
-        shields[worst] = f"largest predicted loss ({per_site[worst]:.3f}) while the plan was predicted below --min-accuracy"
+        shields[worst] = (
+            f"largest predicted loss ({per_site[worst]:.3f}) while the plan was predicted below --min-accuracy"
+        )
     return shields
 
 
@@ -316,7 +325,9 @@ def _counts(profile, active, settings, point, losses, profile_path, progress) ->
     measured = [site["walking"]["fit"]["midpoint"] for site in active if site["walking"]["fit"]["midpoint"]]
     smallest = min(measured) if measured else 1.0
     midpoints = [allocation_midpoint(site["walking"]["fit"], smallest)[0] for site in active]
-    paper = proportional_counts([1.0 / mu for mu in midpoints], settings.budget, settings.min_executions, settings.upper)
+    paper = proportional_counts(
+        [1.0 / mu for mu in midpoints], settings.budget, settings.min_executions, settings.upper
+    )
     if settings.method == "paper":
         return paper, None
 
@@ -338,13 +349,21 @@ def _search(profile, indices, settings, point, losses, starts, profile_path, pro
     model, data = load_profile_inputs(profile, base=Path(profile_path).parent if profile_path else None)
     search_data = split_half(data, SEARCH_HALF)
     simulator = AllocationSimulator(
-        model, search_data, indices,
+        model,
+        search_data,
+        indices,
         lambda position, executions: point.levels[indices[position]](executions),
-        settings.search_repeats, settings.seed,
+        settings.search_repeats,
+        settings.seed,
     )
     result = refine(
-        simulator, starts, [losses[index] for index in indices],
-        settings.min_executions, settings.upper, settings.search_budget, progress,
+        simulator,
+        starts,
+        [losses[index] for index in indices],
+        settings.min_executions,
+        settings.upper,
+        settings.search_budget,
+        progress,
     )
     record = {"performed": True, "half": SEARCH_HALF, "samples": len(search_data), "repeats": settings.search_repeats}
     return result.counts, record | result.to_dict(indices)
@@ -409,8 +428,9 @@ def _plan_record(profile, sites, shields, counts, settings, point, fits, profile
         "cost": {
             "per_execution": costs["execution"],
             "per_shielded_site": costs["shielded"],
-            "total": None if costs["shielded"] is None and shields else
-            costs["execution"] * int(sum(counts)) + (costs["shielded"] or 0.0) * len(shields),
+            "total": None
+            if costs["shielded"] is None and shields
+            else costs["execution"] * int(sum(counts)) + (costs["shielded"] or 0.0) * len(shields),
         },
         "predicted_accuracy": predicted,
         "prediction_method": prediction_method,
@@ -446,9 +466,7 @@ def predict_model(
         return float(predict_accuracy(FitResult.from_dict(global_fit), effective)), "effective global sigma"
 
     clean = profile["clean"]["accuracy"]
-    loss = sum(
-        max(0.0, clean - entry["predicted_accuracy"]) for entry in entries if not entry["shield"]
-    )
+    loss = sum(max(0.0, clean - entry["predicted_accuracy"]) for entry in entries if not entry["shield"])
     return float(max(profile["chance"], clean - loss)), "sum of site losses"
 
 
@@ -474,7 +492,7 @@ def _bits(site: dict[str, Any], spec: NoiseSpec, share: float, scale: float, wid
             "bits": None,
             "range": value_range,
             "reason": "a multiplicative profile gives no additive tolerance, so no width can be derived; "
-            "profile with --noise additive for bit-width hints",
+            + "profile with --noise additive for bit-width hints",
         }
     if spec.kind == "mixed":
         # On the mixed axis σ_add = A·r, so the additive tolerance is r times the amplitude.

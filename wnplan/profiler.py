@@ -89,7 +89,9 @@ class ProfileSettings:
         if self.screen_samples < 0:
             raise SettingsError(f"invalid --screen-samples {self.screen_samples}: expected 0 or more")
         if not 0.0 <= self.target_error < 1.0:
-            raise SettingsError(f"invalid --target-error {self.target_error}: expected a fraction in [0, 1), such as 0.05")
+            raise SettingsError(
+                f"invalid --target-error {self.target_error}: expected a fraction in [0, 1), such as 0.05"
+            )
         if self.max_trials < 1:
             raise SettingsError(f"invalid --max-trials {self.max_trials}: expected at least 1")
         if self.repeats < 1:
@@ -99,7 +101,7 @@ class ProfileSettings:
             if bad or not self.sigmas:
                 raise SettingsError(
                     f"invalid --sigmas value {bad[0] if bad else '(empty)'}: expected positive "
-                    "finite numbers such as 0.01,0.1,1"
+                    + "finite numbers such as 0.01,0.1,1"
                 )
 
 
@@ -121,7 +123,7 @@ def resolve_data(
         if declaration is None:
             raise DataError(
                 f"{model_path} declares no data: pass --data (a .npz file, an IDX folder, "
-                "fashion-mnist or digits) and --normalize MEAN,STD if the model expects it"
+                + "fashion-mnist or digits) and --normalize MEAN,STD if the model expects it"
             )
         data = declaration.data
         if normalize is None:
@@ -151,13 +153,13 @@ def clean_accuracy(model: Model, data: Dataset) -> tuple[int, int]:
     if logits.ndim != 2 or logits.shape[1] < 2 or not np.issubdtype(logits.dtype, np.floating):
         raise ModelError(
             f"the model's first output has shape {logits.shape[1:]} and dtype {logits.dtype}; "
-            "wnplan needs class scores of shape (N, classes)"
+            + "wnplan needs class scores of shape (N, classes)"
         )
     classes = int(logits.shape[1])
     if int(data.y.max()) >= classes:
         raise DataError(
             f"labels go up to {int(data.y.max())} but the model outputs {classes} classes; "
-            "check that the data matches the model"
+            + "check that the data matches the model"
         )
     correct = 0
     for start in range(0, len(data), 4096):
@@ -188,9 +190,17 @@ def build_curves(
     def curve(scope: str, indices: tuple[int, ...]) -> Curve:
         names = tuple(model.sites[index].name for index in indices)
         return Curve(
-            scope, indices, names, correct / samples, 1.0 / classes, grid, clean,
-            screen_samples=screen, target_error=target,
-            max_trials=settings.max_trials, fit_space=settings.fit_space,
+            scope,
+            indices,
+            names,
+            correct / samples,
+            1.0 / classes,
+            grid,
+            clean,
+            screen_samples=screen,
+            target_error=target,
+            max_trials=settings.max_trials,
+            fit_space=settings.fit_space,
         )
 
     walking: list[Curve] = []
@@ -269,13 +279,17 @@ def profile(
         if settings.maps:
             walking, global_curve, maps = [], None, build_maps(loaded, settings)
         else:
-            walking, global_curve = build_curves(loaded, settings, (correct, len(dataset)), classes, adaptive=not trained)
+            walking, global_curve = build_curves(
+                loaded, settings, (correct, len(dataset)), classes, adaptive=not trained
+            )
             maps = []
         curves = walking + ([global_curve] if global_curve else []) + maps
         make = _trained_evaluator(settings, dataset, normalize) if trained else None
         if trained and (execution.workers or execution.ray):
             raise SettingsError("trained mode runs in this process; drop --workers and --ray")
-        counts = _measure(model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution, mode, make)
+        counts = _measure(
+            model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution, mode, make
+        )
         for key in totals:
             totals[key] += counts[key]
         measured[mode] = (walking, global_curve, maps)
@@ -283,7 +297,10 @@ def profile(
     record = _profile_record(loaded, dataset, settings, statistics, correct, classes, measured)
     logger.info(
         "profile done: %d trials (%d computed, %d from the store) in %.1f s",
-        totals["total"], totals["computed"], totals["reused"], time.perf_counter() - started,
+        totals["total"],
+        totals["computed"],
+        totals["reused"],
+        time.perf_counter() - started,
     )
     records.validate(record, "profile")
     return record
@@ -329,8 +346,14 @@ def _measure(
             loaded.sha256, dataset.sha256, settings.noise.to_dict(), identity_mode, settings.seed, opened, fresh
         )
         job = EvaluationJob(
-            str(model_path), execution.factory, execution.trust, dataset, settings.noise, scales,
-            {"noise": context.noise, "mode": context.mode, "seed": context.seed}, runtime.threads(),
+            str(model_path),
+            execution.factory,
+            execution.trust,
+            dataset,
+            settings.noise,
+            scales,
+            {"noise": context.noise, "mode": context.mode, "seed": context.seed},
+            runtime.threads(),
         )
         if make_trained is not None:
             executor = InProcessExecutor(make_trained(loaded, scales, context.noise_seed).run_group)
@@ -396,7 +419,7 @@ def _profile_record(
     `trained` keys beside them.
     """
     main_mode = "trained" if settings.mode == "trained" else "inference"
-    walking, global_curve, maps = measured[main_mode]
+    walking, global_curve, _ = measured[main_mode]
     extra = measured.get("trained") if settings.mode == "both" else None
 
     by_site = {curve.sites[0]: curve for curve in walking}

@@ -27,9 +27,7 @@ class Quantizer:
         if self.bits < 1:
             raise SettingsError(f"invalid bit width {self.bits}: expected at least 1 bit")
         if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high <= self.low:
-            raise SettingsError(
-                f"invalid quantization range [{self.low}, {self.high}]: expected finite low < high"
-            )
+            raise SettingsError(f"invalid quantization range [{self.low}, {self.high}]: expected finite low < high")
 
     @property
     def levels(self) -> int:

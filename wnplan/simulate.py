@@ -40,9 +40,7 @@ logger = logging.getLogger(__name__)
 CONFIDENCE = 0.95
 
 
-def load_profile_inputs(
-    profile_record: Mapping[str, Any], base: Path | None = None
-) -> tuple[Model, Dataset]:
+def load_profile_inputs(profile_record: Mapping[str, Any], base: Path | None = None) -> tuple[Model, Dataset]:
     """Reload the model and data a profile was measured on, and check they are unchanged.
 
     A relative model path is tried from the working directory, then from `base` (the folder
@@ -57,13 +55,13 @@ def load_profile_inputs(
     if dataset.sha256 != data_info["sha256"]:
         raise DataError(
             f"the data {data_info['name']!r} differs from the data the profile was measured on "
-            "(hash mismatch); profile again with the current data"
+            + "(hash mismatch); profile again with the current data"
         )
     model = load_model(path, sample=dataset.x[:2])
     if model.sha256 != model_info["sha256"]:
         raise ModelError(
             f"{path} differs from the model the profile was measured on (hash mismatch); "
-            "profile the current model again"
+            + "profile the current model again"
         )
     return model, dataset
 
@@ -202,9 +200,13 @@ def check(
 
     allocations = {"plan": _executions(plan)}
     baseline = AllocationSettings(
-        budget=plan["budget"], method="uniform", shield=_shield_selection(plan),
-        min_executions=plan["bounds"]["min_executions"], max_executions=plan["bounds"]["max_executions"],
-        accelerator=accelerator, max_drop=plan.get("max_drop", 0.01),
+        budget=plan["budget"],
+        method="uniform",
+        shield=_shield_selection(plan),
+        min_executions=plan["bounds"]["min_executions"],
+        max_executions=plan["bounds"]["max_executions"],
+        accelerator=accelerator,
+        max_drop=plan.get("max_drop", 0.01),
     )
     for method in ("uniform", "paper"):
         other = allocate(profile_record, _replace(baseline, method=method), profile_path=None)
@@ -317,10 +319,13 @@ def verdict(results: Mapping[str, Mapping[str, Any]], min_accuracy: float | None
         return {
             "passed": False,
             "reason": f"plan accuracy {plan['accuracy']:.4f} is below uniform {uniform['accuracy']:.4f} "
-            f"by more than the combined 95% interval ({margin:.4f})",
+            + f"by more than the combined 95% interval ({margin:.4f})",
         }
     if min_accuracy is not None and plan["accuracy"] < min_accuracy:
-        return {"passed": False, "reason": f"plan accuracy {plan['accuracy']:.4f} is below --min-accuracy {min_accuracy}"}
+        return {
+            "passed": False,
+            "reason": f"plan accuracy {plan['accuracy']:.4f} is below --min-accuracy {min_accuracy}",
+        }
     return {"passed": True, "reason": "plan is not below uniform beyond the confidence intervals"}
 
 

@@ -32,7 +32,7 @@ def select_sites(sites: Sequence[Site], selection: str | None) -> list[int]:
             ops = ", ".join(sorted({site.op for site in sites}))
             raise SiteError(
                 f"no site matches {entry!r}: use an index 0-{len(sites) - 1}, a name ({names}{more}), "
-                f"or an operator type ({ops}); `wnplan sites MODEL` lists them"
+                + f"or an operator type ({ops}); `wnplan sites MODEL` lists them"
             )
         chosen.update(matches)
     return sorted(chosen)

@@ -415,7 +415,11 @@ def run_sweep(
         if context.store is not None:
             trial = chunk.trials[index]
             context.store.put(
-                chunk.keys[index], context.model_sha256, context.data_sha256, context.identity(trial), result,
+                chunk.keys[index],
+                context.model_sha256,
+                context.data_sha256,
+                context.identity(trial),
+                result,
                 replace=context.fresh,
             )
         counts["computed"] += 1
