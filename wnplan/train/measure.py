@@ -59,14 +59,14 @@ class ConfigurationRunner:
     def batch_size(self, samples: int) -> int:
         """Return the samples per pass: `samples`, or fewer for a stacked pass that would be large.
 
-        A stacked pass keeps its activations within STACKED_PASS_BYTES, in whole noise blocks
-        where possible, because a chunk that ends inside a block makes `draw_noise` draw that
-        block again for the next chunk.
+        A stacked pass keeps its activations within STACKED_PASS_BYTES but takes at least one
+        noise block (256 samples), and whole blocks where possible, because a chunk that ends
+        inside a block makes `draw_noise` draw that block again for the next chunk.
         """
         if not self.vectorize:
             return samples
         fitting = STACKED_PASS_BYTES // max(1, self.count * self.sample_bytes)
-        size = min(samples, fitting)
+        size = min(samples, max(NOISE_BLOCK, fitting))
         if size >= NOISE_BLOCK:
             size -= size % NOISE_BLOCK
         return max(1, size)

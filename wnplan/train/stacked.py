@@ -136,10 +136,11 @@ class StackedBatchNorm(nn.Module):
         # (K, N, C, ...) becomes (N, K·C, ...). The merged running statistics are views of the
         # stacked (K, C) buffers, so the in-place update of a training step lands there.
         merged = x.movedim(0, 1).reshape(batch, size * channels, *x.shape[3:]).contiguous()
-        statistics = [value.reshape(-1) for value in (running_mean, running_var)]
         sources = (running_mean, running_var)
-        if any(value.data_ptr() != source.data_ptr() for value, source in zip(statistics, sources, strict=True)):
-            raise RuntimeError("stacked BatchNorm running statistics must be contiguous (K, C) tensors")
+        statistics = [None if value is None else value.reshape(-1) for value in sources]
+        for merged_value, source in zip(statistics, sources, strict=True):
+            if merged_value is not None and merged_value.data_ptr() != source.data_ptr():
+                raise RuntimeError("stacked BatchNorm running statistics must be contiguous (K, C) tensors")
         affine = [None if value is None else value.reshape(-1) for value in (weight, bias)]
         output = nn.functional.batch_norm(
             merged, statistics[0], statistics[1], affine[0], affine[1],

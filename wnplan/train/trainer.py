@@ -7,7 +7,8 @@ leading dimension K and one stacked forward and backward pass serves all K (see
 optimizers, because Adam and SGD update every element on its own.
 
 Each configuration draws its data order, initial weights and training noise from its own
-generators, so its result does not depend on which configurations share its chunk.
+generators, so its result does not depend (beyond float32 rounding) on which configurations
+share its chunk.
 """
 
 from __future__ import annotations
