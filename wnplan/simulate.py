@@ -221,7 +221,8 @@ def check(
     for (name, executions), accuracies in zip(allocations.items(), per_allocation, strict=True):
         results[name] = summarize(accuracies, len(data)) | {"executions": list(executions.values())}
     results["plan"]["predicted_accuracy"] = plan.get("predicted_accuracy")
-    clean = measure(model, data, {}, 1, seed, quantizers)
+    # The clean model runs without quantization, so --quantize --sigma 0 shows what quantization costs.
+    clean = measure(model, data, {}, 1, seed)
     results["clean"] = summarize(clean, len(data)) | {"executions": None}
 
     record = {
