@@ -17,6 +17,7 @@ from wnplan.errors import (
     ModelError,
     SettingsError,
     SiteError,
+    StoreError,
     WnplanError,
 )
 from wnplan.fit import CurvePoint, FitResult, fit_curve, predict_accuracy
@@ -41,6 +42,7 @@ __all__ = [
     "SettingsError",
     "Site",
     "SiteError",
+    "StoreError",
     "WnplanError",
     "__version__",
     "allocate",

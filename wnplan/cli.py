@@ -67,7 +67,7 @@ FactoryOption = Annotated[
     str | None, typer.Option(help="package.module:function that builds the architecture of a state dict.")
 ]
 TrustOption = Annotated[
-    bool, typer.Option("--trust", help="Allow unpickling a full PyTorch module; this runs code from the file.")
+    bool, typer.Option("--trust", help="Load files that can run code: pickled modules, and .pt2 programs without wnplan's safety checks.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -85,7 +85,7 @@ def sites(
     from wnplan.profiler import resolve_data
 
     sample = None
-    if factory is not None or trust:
+    if factory is not None or trust or data is not None:
         sample = resolve_data(model, data, None, 2).x
     loaded = load_model(model, factory=factory, trust=trust, sample=sample)
     if as_json:

@@ -38,8 +38,8 @@ BUILTIN_NAMES = ("fashion-mnist", "digits")
 SPLITS = ("test", "train")
 DIGITS_TEST_FRACTION = 0.2
 
-# What numpy raises for damaged or hostile .npz archives: zip and zlib errors, bad array
-# headers (ValueError), short members (EOFError, ValueError), and huge declared shapes.
+# Exception types that numpy raises for damaged or hostile .npz archives: zip and zlib errors,
+# bad array headers (ValueError), short members (EOFError, ValueError), huge declared shapes.
 _NPZ_ERRORS = (
     ValueError, OSError, EOFError, KeyError, struct.error, zipfile.BadZipFile, zlib.error,
     NotImplementedError, OverflowError, MemoryError, TypeError,
@@ -288,7 +288,7 @@ def _validate(x: np.ndarray, y: np.ndarray, spec: str) -> tuple[np.ndarray, np.n
         y = y[:, 0]
     if y.ndim == 2 and y.shape[1] > 1:
         raise DataError(
-            f"data {spec!r}: y has shape {y.shape}; expected one class index per sample. For one-hot "
+            f"data {spec!r}: y has shape {y.shape}; expected one class index per sample. For one-hot " +
             "labels save y.argmax(axis=1)"
         )
     if y.ndim != 1:
@@ -314,7 +314,9 @@ def _class_indices(y: np.ndarray, spec: str) -> np.ndarray:
         if not np.all(np.isfinite(y)):
             raise DataError(f"data {spec!r}: y contains NaN or inf; expected integer class labels")
         if not np.all(y == np.round(y)):
-            raise DataError(f"data {spec!r}: y has dtype {y.dtype} with fractional values; expected integer class labels")
+            raise DataError(
+                f"data {spec!r}: y has dtype {y.dtype} with fractional values; expected integer class labels"
+            )
     elif y.dtype.kind not in "iub":
         raise DataError(f"data {spec!r}: y has dtype {y.dtype}; expected integer class labels")
     if y.size and np.any(y < 0):
@@ -338,7 +340,8 @@ def _scale(x: np.ndarray, scaling: str) -> tuple[np.ndarray, str]:
             f"integer images of dtype {x.dtype} have no known range; convert them to float or "
             "uint8 first"
         )
-    return x.astype(np.float32), "none"
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, which load_data reports
+        return x.astype(np.float32), "none"
 
 
 def _hash_arrays(x: np.ndarray, y: np.ndarray) -> str:

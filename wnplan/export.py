@@ -22,10 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from wnplan.errors import ModelError, SettingsError
-from wnplan.models.base import file_sha256
+from wnplan.models import model_sha256
+from wnplan.models.onnx_files import load_onnx
 from wnplan.models.onnx_graph import check_model
 
 logger = logging.getLogger(__name__)
@@ -44,15 +43,12 @@ def export_plan_to_onnx(plan: dict[str, Any], model_path: str | Path, out_path: 
         raise ModelError(f"model file not found: {str(model_path)!r}")
     if model_path.suffix.lower() != ".onnx":
         raise ModelError(f"{str(model_path)!r} is not an ONNX file; export-onnx needs the .onnx model of the plan")
-    if file_sha256(model_path) != plan["profile"]["model"]["sha256"]:
+    if model_sha256(model_path) != plan["profile"]["model"]["sha256"]:
         raise ModelError(
             f"{model_path} is not the model the plan was made for (sha256 differs from the profile's "
             + f"{plan['profile']['model']['path']}); pass that model file"
         )
-    try:
-        model = onnx.load(str(model_path))
-    except Exception as error:  # protobuf and file errors
-        raise ModelError(f"{model_path}: cannot read the ONNX model ({error})") from None
+    model = load_onnx(model_path)[0]
 
     producers = {output: node for node in model.graph.node for output in node.output}
     annotated = 0

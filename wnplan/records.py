@@ -48,13 +48,14 @@ def validate(record: dict[str, Any], kind: str, source: str = "") -> None:
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     except RecursionError:
-        raise FileFormatError(f"{where}invalid {kind} file: values are nested too deeply; regenerate it with wnplan") from None
+        problem = "values are nested too deeply; regenerate it with wnplan"
+        raise FileFormatError(f"{where}invalid {kind} file: {problem}") from None
     if error is None:
         return
     location = "/".join(str(part) for part in error.absolute_path) or "(top level)"
     raise FileFormatError(
-        f"{where}invalid {kind} file: field {location}: {error.message}; regenerate it with "
-        f"wnplan or fix that field"
+        f"{where}invalid {kind} file: field {location}: {error.message}; regenerate it with " +
+        "wnplan or fix that field"
     )
 
 

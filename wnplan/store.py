@@ -81,7 +81,7 @@ class Store:
             self._connection = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT, isolation_level=None)
         except (OSError, sqlite3.Error) as error:
             raise StoreError(
-                f"cannot open the result store {str(self.path)!r} ({error}); pass a writable "
+                f"cannot open the result store {str(self.path)!r} ({error}); pass a writable " +
                 "path with --store"
             ) from None
         try:
@@ -95,7 +95,7 @@ class Store:
         if columns != COLUMNS:
             self._connection.close()
             raise StoreError(
-                f"{str(self.path)!r} is not a wnplan result store (its trials table has columns "
+                f"{str(self.path)!r} is not a wnplan result store (its trials table has columns " +
                 f"{', '.join(columns)}); pass another path with --store"
             )
 
@@ -103,11 +103,11 @@ class Store:
         """Return the error for a store that SQLite cannot use, saying what to do."""
         if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
             return StoreError(
-                f"the result store {str(self.path)!r} stayed locked by another process for "
+                f"the result store {str(self.path)!r} stayed locked by another process for " +
                 f"{LOCK_TIMEOUT:.0f} s ({error}); wait for the other wnplan run, or pass another --store"
             )
         return StoreError(
-            f"the result store {str(self.path)!r} is unreadable or not a SQLite database ({error}); "
+            f"the result store {str(self.path)!r} is unreadable or not a SQLite database ({error}); " +
             "move it away or pass another --store (its stored trials are then measured again)"
         )
 

@@ -33,14 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from wnplan.errors import ModelError
-from wnplan.models.base import DataDeclaration, Model, Site, Suffix
+from wnplan.models.base import DataDeclaration, Model, Site, Suffix, file_sha256
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataDeclaration", "Model", "Site", "Suffix", "load_model", "read_declaration"]
+__all__ = ["DataDeclaration", "Model", "Site", "Suffix", "load_model", "model_sha256", "read_declaration"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-# What torch.load raises for damaged files and for pickles its restricted unpickler refuses.
+# Exception types that torch.load raises for damaged files, and for pickles that its restricted
+# unpickler rejects.
 TORCH_LOAD_ERRORS = (
     pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, TypeError, AttributeError,
     IndexError, OverflowError, RecursionError, OSError, zipfile.BadZipFile, NotImplementedError,
@@ -84,6 +85,24 @@ def load_model(
         f"unsupported model file {str(path)!r}: expected .onnx, .pt2 (torch.export), or a state "
         "dict (.pt/.pth) with --factory module:function"
     )
+
+
+def model_sha256(path: str | Path) -> str:
+    """Return the hash that `load_model(path).sha256` gives, without loading the model.
+
+    It is the sha256 of the file, followed for ONNX models by their external data files.
+
+    Raises:
+        ModelError: the file is missing or unreadable, or its external data is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {str(path)!r}")
+    if path.suffix.lower() != ".onnx":
+        return file_sha256(path)
+    from wnplan.models.onnx_files import content_sha256, external_data_files
+
+    return content_sha256(path, external_data_files(path))
 
 
 def read_declaration(path: str | Path) -> DataDeclaration | None:
@@ -203,8 +222,8 @@ def _in_eval_mode(module) -> Iterator:
     """Yield the module in eval mode, without changing the caller's module.
 
     A deep copy is put in eval mode, so the user's module keeps its mode and BatchNorm
-    statistics. A module that cannot be copied is switched to eval mode in place and
-    switched back afterwards; exporting in eval mode does not write to its buffers.
+    statistics. A module that cannot be copied is switched to eval mode in place and switched
+    back afterwards. Exporting in eval mode does not write to its buffers.
     """
     try:
         frozen = copy.deepcopy(module)
@@ -234,7 +253,8 @@ def _build_from_factory(factory: str):
     except (ImportError, AttributeError) as error:
         raise ModelError(f"cannot import --factory {factory!r}: {error}") from None
     except Exception as error:  # importing runs the user's module code, which can raise anything
-        raise ModelError(f"importing --factory {factory!r} raised {type(error).__name__}: {_first_line(error)}") from None
+        problem = f"{type(error).__name__}: {_first_line(error)}"
+        raise ModelError(f"importing --factory {factory!r} raised {problem}") from None
     try:
         module = function()
     except Exception as error:  # the factory is the user's code

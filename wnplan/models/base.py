@@ -249,7 +249,7 @@ def class_scores(logits: np.ndarray, count: int) -> np.ndarray:
         logits = logits[None]
     if logits.ndim != 2 or logits.shape[0] != count or not np.issubdtype(logits.dtype, np.floating):
         raise ModelError(
-            f"the model's first output has shape {logits.shape} and dtype {logits.dtype} for a batch of "
+            f"the model's first output has shape {logits.shape} and dtype {logits.dtype} for a batch of " +
             f"{count} samples; wnplan needs floating-point class scores of shape ({count}, classes)"
         )
     if logits.shape[1] < 2:

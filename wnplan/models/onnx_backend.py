@@ -15,7 +15,7 @@ from wnplan import runtime
 from wnplan.errors import ModelError
 from wnplan.models import onnx_graph
 from wnplan.models.base import BatchLimits, DataDeclaration, Model, NoiseArrays, Quantizers, Site, Suffix
-from wnplan.models.onnx_files import check_versions, load_onnx, require_in_memory
+from wnplan.models.onnx_files import check_versions, content_sha256, load_onnx, require_in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,14 @@ ONNX_TO_NUMPY = {
 }
 
 # The exception types onnxruntime's Python binding raises for invalid models and failed runs.
-ORT_ERRORS: tuple[type[Exception], ...] = tuple(
-    value
-    for value in vars(ort_state).values()
-    if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == ort_state.__name__
-) + (RuntimeError,)
+ORT_ERRORS: tuple[type[Exception], ...] = (
+    *(
+        value
+        for value in vars(ort_state).values()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == ort_state.__name__
+    ),
+    RuntimeError,
+)
 
 # Without data, dynamic dimensions are probed as 1 and fixed ones as declared. A declared
 # input larger than this many values is not probed with zeros.
@@ -42,7 +45,8 @@ class OnnxModel(Model):
     """An ONNX classifier: its first graph input is the samples, its scores a float output.
 
     The class scores are the first output, or the first floating-point output when the first
-    one is not (for example a classifier whose first output is the predicted label).
+    one is not (for example a classifier whose first output is the predicted label). With
+    external data, `sha256` covers the model file and its data files.
 
     Args:
         path: the .onnx file; external data files are read from its folder.
@@ -54,13 +58,15 @@ class OnnxModel(Model):
 
     def __init__(self, path: Path, sample: np.ndarray | None = None) -> None:
         super().__init__(path)
-        self.proto = load_onnx(path)
+        self.proto, data_files = load_onnx(path)
+        if data_files:
+            self.sha256 = content_sha256(path, data_files)
         check_versions(self.proto, path)
         graph = self.proto.graph
         if not graph.node:
             raise ModelError(f"{path}: the ONNX graph has no nodes; is this a valid model file?")
-        # Converters of every age write nodes out of order; onnxruntime accepts that but
-        # onnx.checker does not, so the graph is sorted before anything is checked or rewritten.
+        # Some converters write nodes out of topological order. onnxruntime runs such graphs,
+        # but onnx.checker rejects them, so the graph is sorted before it is checked or rewritten.
         self._nodes = onnx_graph.sort_topologically(graph, f"{path}: the ONNX graph")
         del graph.node[:]
         graph.node.extend(self._nodes)
@@ -98,9 +104,9 @@ class OnnxModel(Model):
     def _float_type(self, value: onnx.ValueInfoProto, role: str) -> type:
         kind = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else None
         if kind not in ONNX_TO_NUMPY:
-            shown = onnx.TensorProto.DataType.Name(kind) if kind in onnx.TensorProto.DataType.values() else kind
+            type_name = onnx.TensorProto.DataType.Name(kind) if kind in onnx.TensorProto.DataType.values() else kind
             raise ModelError(
-                f"{self.path}: the model's {role} {value.name!r} has type {shown}; wnplan feeds "
+                f"{self.path}: the model's {role} {value.name!r} has type {type_name}; wnplan feeds " +
                 "floating-point samples (float, double or float16), so export the model with a float input"
             )
         return ONNX_TO_NUMPY[kind]
@@ -114,7 +120,7 @@ class OnnxModel(Model):
         ]
         if not floating:
             raise ModelError(
-                f"{self.path}: no output of the model is a floating-point tensor; wnplan needs class "
+                f"{self.path}: no output of the model is a floating-point tensor; wnplan needs class " +
                 f"scores, but the outputs are {[value.name for value in outputs]}"
             )
         if floating[0] != 0:
@@ -171,7 +177,7 @@ class OnnxModel(Model):
         dims = [batch] + [dim or 1 for dim in self.input_shape[1:]]
         if int(np.prod(dims, dtype=np.float64)) > MAX_PROBE_VALUES:
             raise ModelError(
-                f"{self.path}: the model's input shape {tuple(dims)} is too large to probe with zeros; "
+                f"{self.path}: the model's input shape {tuple(dims)} is too large to probe with zeros; " +
                 "pass --data so wnplan probes it with real samples"
             )
         return np.zeros(dims, dtype=self._input_dtype)
@@ -191,7 +197,9 @@ class OnnxModel(Model):
             parameters = sum(sizes.get(name, 0) for name in node.input)
             # The site is the node's first floating-point output; classifiers such as
             # ONNX-ML's LinearClassifier return an integer label first and the scores second.
-            floating = [name for name in node.output if onnx_graph.elem_type(self._types, name) in onnx_graph.FLOAT_TYPES]
+            floating = [
+                name for name in node.output if onnx_graph.elem_type(self._types, name) in onnx_graph.FLOAT_TYPES
+            ]
             if floating and floating[0] in live:
                 candidates.append((floating[0], node.op_type, parameters))
 
@@ -290,7 +298,8 @@ def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], p
         return session.run(None, dict(feed))
     except ORT_ERRORS as error:
         shapes = ", ".join(f"{name} {value.shape}" for name, value in feed.items())
-        raise ModelError(f"{path}: onnxruntime failed to run the model on inputs {shapes}: {_ort_message(error)}") from None
+        message = f"{path}: onnxruntime failed to run the model on inputs {shapes}: {_ort_message(error)}"
+        raise ModelError(message) from None
 
 
 def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:

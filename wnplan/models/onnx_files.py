@@ -9,6 +9,7 @@ against the working directory and either fail or read the wrong file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -30,14 +31,16 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 ML_DOMAIN = "ai.onnx.ml"
 
 CONVERT_HINT = (
-    "convert it with onnx.version_converter, for example: python -c \"import onnx, "
-    "onnx.version_converter as v; onnx.save(v.convert_version(onnx.load('MODEL.onnx'), 17), "
+    "convert it with onnx.version_converter, for example: python -c \"import onnx, " +
+    "onnx.version_converter as v; onnx.save(v.convert_version(onnx.load('MODEL.onnx'), 17), " +
     "'MODEL-17.onnx')\""
 )
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     """Read an ONNX file with its external data, which is resolved next to the file.
+
+    Returns the model and the external data files it read, in the order first named.
 
     Raises:
         ModelError: the file is not ONNX, its external data is missing, outside the model's
@@ -57,17 +60,54 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         total += _external_length(tensor, folder, path)
     if total > MAX_MODEL_BYTES:
         raise ModelError(
-            f"{path}: the model with its external data is {total / 1e9:.2f} GB; wnplan rewrites ONNX "
-            "graphs in memory and protobuf cannot serialize 2 GB or more, so profile the PyTorch "
+            f"{path}: the model with its external data is {total / 1e9:.2f} GB; wnplan rewrites ONNX " +
+            "graphs in memory and protobuf cannot serialize 2 GB or more, so profile the PyTorch " +
             "model (a .pt2 file from torch.export) instead"
         )
+    data_files = list(dict.fromkeys(folder / _location(tensor) for tensor in external))
     if external:
         try:
             external_data_helper.load_external_data_for_model(proto, str(folder))
         except (onnx.checker.ValidationError, OSError, ValueError) as error:
             raise ModelError(f"{path}: cannot read the external data ({_first_line(error)})") from None
         logger.info("%s: loaded %d tensors from external data in %s", path, len(external), folder)
-    return proto
+    return proto, data_files
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """Return the external data files that the ONNX model at `path` names, in order, without reading them.
+
+    Raises:
+        ModelError: the file is not ONNX, or a data entry is missing or outside the folder.
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except DecodeError:
+        raise ModelError(f"{path}: not a valid ONNX file (protobuf decoding failed)") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"{path}: cannot read the ONNX model ({_first_line(error)})") from None
+    external = [tensor for tensor in all_tensors(proto) if external_data_helper.uses_external_data(tensor)]
+    for tensor in external:
+        _external_length(tensor, path.parent, path)
+    return list(dict.fromkeys(path.parent / _location(tensor) for tensor in external))
+
+
+def content_sha256(path: Path, data_files: list[Path]) -> str:
+    """Return the sha256 of the model file followed by its external data files.
+
+    Result stores key trials by this hash, so new weights in a data file are never mistaken
+    for the old ones. A model without external data gets the plain sha256 of its file.
+    """
+    digest = hashlib.sha256()
+    for part in (path, *data_files):
+        with open(part, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next(entry.value for entry in tensor.external_data if entry.key == "location")
 
 
 def _external_length(tensor: onnx.TensorProto, folder: Path, path: Path) -> int:
@@ -78,13 +118,13 @@ def _external_length(tensor: onnx.TensorProto, folder: Path, path: Path) -> int:
         raise ModelError(f"{path}: tensor {tensor.name!r} uses external data but names no file")
     if os.path.isabs(location) or ".." in Path(location).parts:
         raise ModelError(
-            f"{path}: tensor {tensor.name!r} names external data {location!r} outside the model's "
+            f"{path}: tensor {tensor.name!r} names external data {location!r} outside the model's " +
             "folder; keep the data files in the folder of the .onnx file"
         )
     data_file = folder / location
     if not data_file.is_file():
         raise ModelError(
-            f"{path}: external data file {location!r} of tensor {tensor.name!r} not found in "
+            f"{path}: external data file {location!r} of tensor {tensor.name!r} not found in " +
             f"{str(folder)!r}; keep the .onnx file and its data files together"
         )
     try:
@@ -95,7 +135,7 @@ def _external_length(tensor: onnx.TensorProto, folder: Path, path: Path) -> int:
         raise ModelError(f"{path}: tensor {tensor.name!r} has an invalid external data offset or length") from None
     if offset < 0 or length < 0 or offset + length > size:
         raise ModelError(
-            f"{path}: external data of tensor {tensor.name!r} needs bytes {offset} to {offset + length} of "
+            f"{path}: external data of tensor {tensor.name!r} needs bytes {offset} to {offset + length} of " +
             f"{location!r}, which has {size} bytes; the data file is truncated or belongs to another model"
         )
     return length
@@ -141,7 +181,7 @@ def require_in_memory(proto: onnx.ModelProto, path: Path) -> None:
     for tensor in all_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
             raise ModelError(
-                f"{path}: tensor {tensor.name!r} still refers to external data that was not loaded; "
+                f"{path}: tensor {tensor.name!r} still refers to external data that was not loaded; " +
                 "keep the .onnx file and its data files together and load the model from its path"
             )
 
@@ -153,7 +193,7 @@ def check_versions(proto: onnx.ModelProto, path: Path) -> None:
     """
     if proto.ir_version > onnx.IR_VERSION:
         raise ModelError(
-            f"{path}: ONNX IR version {proto.ir_version} is newer than the installed onnx "
+            f"{path}: ONNX IR version {proto.ir_version} is newer than the installed onnx " +
             f"{onnx.__version__} supports (IR version {onnx.IR_VERSION}); update onnx and onnxruntime"
         )
     latest = onnx.defs.onnx_opset_version()
@@ -162,25 +202,25 @@ def check_versions(proto: onnx.ModelProto, path: Path) -> None:
         if entry.domain in DEFAULT_DOMAINS:
             if entry.version < MIN_DEFAULT_OPSET:
                 raise ModelError(
-                    f"{path}: the model uses ONNX opset {entry.version}, which onnxruntime no longer "
+                    f"{path}: the model uses ONNX opset {entry.version}, which onnxruntime no longer " +
                     f"runs (it needs opset {MIN_DEFAULT_OPSET} or newer); {CONVERT_HINT}"
                 )
             if entry.version > latest:
                 raise ModelError(
-                    f"{path}: the model uses ONNX opset {entry.version}, newer than the installed onnx "
-                    f"{onnx.__version__} supports (opset {latest}); update onnx and onnxruntime, or "
+                    f"{path}: the model uses ONNX opset {entry.version}, newer than the installed onnx " +
+                    f"{onnx.__version__} supports (opset {latest}); update onnx and onnxruntime, or " +
                     f"{CONVERT_HINT.replace('convert it', 'convert the model down')}"
                 )
         elif entry.domain == ML_DOMAIN and entry.version > latest_ml:
             raise ModelError(
-                f"{path}: the model uses ONNX-ML opset {entry.version}, newer than the installed onnx "
+                f"{path}: the model uses ONNX-ML opset {entry.version}, newer than the installed onnx " +
                 f"{onnx.__version__} supports (opset {latest_ml}); update onnx and onnxruntime"
             )
 
     uses_default = any(node.domain in DEFAULT_DOMAINS for node in proto.graph.node)
     if uses_default and default_opset(proto) is None:
         raise ModelError(
-            f"{path}: the graph uses standard ONNX operators but imports no default opset; "
+            f"{path}: the graph uses standard ONNX operators but imports no default opset; " +
             "re-export the model or add an opset import for the default domain"
         )
 

@@ -1,4 +1,4 @@
-"""Checks that a `.pt2` archive holds only data before `torch.export.load` reads it.
+"""Checks that a `.pt2` archive contains only data before `torch.export.load` reads it.
 
 `torch.export.load` (torch 2.13) runs code from the file in four ways, and its documentation
 warns never to load untrusted files:
@@ -46,7 +46,11 @@ TRUST_HINT = "pass --trust only if you trust the file's source"
 
 # Functions that torch writes into symbolic shape expressions.
 SHAPE_FUNCTIONS = frozenset(
-    {name for name, value in vars(shape_functions).items() if isinstance(value, type) and issubclass(value, sympy.Basic)}
+    {
+        name
+        for name, value in vars(shape_functions).items()
+        if isinstance(value, type) and issubclass(value, sympy.Basic)
+    }
     | {
         "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Abs", "Max", "Min", "Mod",
         "floor", "ceiling", "sqrt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
@@ -54,8 +58,8 @@ SHAPE_FUNCTIONS = frozenset(
         "Piecewise", "ITE", "BooleanTrue", "BooleanFalse",
     }
 )
-# What torch.export.load raises for damaged or incompatible archives (torch 2.13): its own
-# errors, the restricted unpickler's refusal, and errors from reading malformed members.
+# Exception types that torch.export.load raises for damaged or incompatible archives (torch
+# 2.13): its own errors, the restricted unpickler's refusal, and errors from malformed members.
 LOAD_ERRORS = (
     RuntimeError, ValueError, KeyError, EOFError, TypeError, AttributeError, AssertionError, IndexError,
     NotImplementedError, OverflowError, RecursionError, OSError, zipfile.BadZipFile, pickle.UnpicklingError,
@@ -74,11 +78,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
 
 def check_archive(path: Path) -> None:
-    """Raise ModelError unless the `.pt2` archive at `path` holds only data.
+    """Raise ModelError unless the `.pt2` archive at `path` contains only data.
 
     Raises:
-        ModelError: the archive is unreadable, or holds pickled objects, or an expression or
-            guard that is not plain arithmetic on shapes.
+        ModelError: the archive is unreadable, or contains pickled objects, or an expression
+            or guard that is not plain arithmetic on shapes.
     """
     try:
         with zipfile.ZipFile(path) as archive:
@@ -91,7 +95,9 @@ def check_archive(path: Path) -> None:
 def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
     name = info.filename
     if os.path.basename(name).startswith(PICKLED_MEMBER_PREFIXES):
-        raise ModelError(f"{path}: the archive contains a pickled Python object ({name}), which runs code when loaded; {TRUST_HINT}")
+        raise ModelError(
+            f"{path}: the archive contains a pickled Python object ({name}), which runs code when loaded; {TRUST_HINT}"
+        )
     if not name.endswith(".json"):
         return
     try:
@@ -109,9 +115,9 @@ def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -
 
 def _require(condition: bool, value: Any, kind: str, member: str, path: Path) -> None:
     if not condition:
-        shown = str(value)[:80]
+        excerpt = str(value)[:80]
         raise ModelError(
-            f"{path}: {member} contains {kind} {shown!r} that is not plain arithmetic; torch.export.load "
+            f"{path}: {member} contains {kind} {excerpt!r} that is not plain arithmetic; torch.export.load " +
             f"would run it as Python code, so wnplan does not load the file; {TRUST_HINT}"
         )
 
@@ -182,7 +188,7 @@ def load_program(path: Path, trust: bool) -> torch.export.ExportedProgram:
     """Load a `.pt2` program; without `trust`, check it first and unpickle weights only.
 
     Raises:
-        ModelError: the file is not a readable program, or holds code and `trust` is False.
+        ModelError: the file is not a readable program, or it contains code and `trust` is False.
     """
     if not trust:
         check_archive(path)

@@ -120,11 +120,7 @@ class TorchModel(Model):
         self._logits = flat_outputs[0]
         changed = use_eval_semantics(self._module.graph)
         if changed:
-            logger.warning(
-                "%s was exported in train mode; evaluating it in eval mode (BatchNorm running statistics, "
-                "no Dropout) without updating any buffer: %s",
-                path, ", ".join(changed),
-            )
+            logger.warning(TRAIN_MODE_WARNING, path, ", ".join(changed))
         _reject_buffer_updates(self._module, self._logits, path)
         self.batch_limits = _batch_limits(self._input, program)
         self._modules: dict[tuple, fx.GraphModule] = {}
@@ -180,7 +176,7 @@ class TorchModel(Model):
             return [tuple(shape) for shape in recorded]
         if sample is None:
             raise ModelError(
-                f"{self.path}: the program has dynamic dimensions besides the batch; pass --data so "
+                f"{self.path}: the program has dynamic dimensions besides the batch; pass --data so " +
                 "wnplan can measure the shape of each site"
             )
         values = self.activations(np.ascontiguousarray(sample[:1]), range(len(self._site_nodes)))
@@ -234,7 +230,8 @@ class _TorchSuffix(Suffix):
         return forward(self._prefix, [self._model._input_tensor(x)], self._model.path)
 
     def _run(self, values: Sequence[np.ndarray]) -> np.ndarray:
-        return forward(self._rest, [torch.from_numpy(np.ascontiguousarray(value)) for value in values], self._model.path)[0]
+        tensors = [torch.from_numpy(np.ascontiguousarray(value)) for value in values]
+        return forward(self._rest, tensors, self._model.path)[0]
 
 
 def forward(module: fx.GraphModule, arguments: Sequence[torch.Tensor | None], path: Path) -> list[np.ndarray]:
@@ -265,6 +262,10 @@ _TRAINING_FLAGS = {
     aten.native_dropout.default: 2,
 }
 # BatchNorm operators that always update the running statistics, and their eval forms.
+TRAIN_MODE_WARNING = (
+    "%s was exported in train mode; evaluating it in eval mode (BatchNorm running statistics, no Dropout) "
+    "without updating any buffer: %s"
+)
 _UPDATING_BATCH_NORMS = {
     aten._batch_norm_with_update.default: aten._batch_norm_no_update.default,
     aten._batch_norm_with_update_functional.default: aten._batch_norm_no_update.default,
@@ -349,7 +350,7 @@ def _reject_buffer_updates(module: fx.GraphModule, logits: fx.Node, path: Path) 
             written = argument.alias_info is not None and argument.alias_info.is_write
             if written and isinstance(value, fx.Node) and value.op == "get_attr":
                 raise ModelError(
-                    f"{path}: the model writes to its state {value.target!r} in place while computing its "
+                    f"{path}: the model writes to its state {value.target!r} in place while computing its " +
                     f"output ({_op_name(node)}); export it in eval mode (call model.eval() before torch.export)"
                 )
 
@@ -375,7 +376,7 @@ def _input_dtype(node: fx.Node, path: Path) -> torch.dtype:
     dtype = value.dtype if isinstance(value, torch.Tensor) else torch.float32
     if not dtype.is_floating_point:
         raise ModelError(
-            f"{path}: the program's input has dtype {dtype}; wnplan feeds floating-point samples, so export "
+            f"{path}: the program's input has dtype {dtype}; wnplan feeds floating-point samples, so export " +
             "the model with a float input"
         )
     return dtype
