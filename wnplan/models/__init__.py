@@ -76,7 +76,13 @@ def load_model(
     if suffix == ".onnx":
         from wnplan.models.onnx_backend import OnnxModel
 
-        return OnnxModel(path, sample)
+        try:
+            return OnnxModel(path, sample)
+        except UnicodeDecodeError:
+            # protobuf raises this when a name or attribute string holds bytes that are not UTF-8.
+            raise ModelError(
+                f"{path}: not a valid ONNX file (a name or string is not valid UTF-8); re-export the model"
+            ) from None
     if suffix == ".pt2":
         return _load_exported(path, trust)
     if suffix in TORCH_SUFFIXES or factory is not None:
