@@ -32,6 +32,7 @@ from wnplan._version import __version__
 from wnplan.accelerator import Accelerator
 from wnplan.allocation import check_bounds, optimal_counts, proportional_counts, uniform_counts
 from wnplan.bits import bit_hint
+from wnplan.calibrate import reference_scales
 from wnplan.errors import SettingsError
 from wnplan.fit import FitResult, predict_accuracy
 from wnplan.noise import NoiseSpec, SiteNoise, site_noise
@@ -180,12 +181,8 @@ def _profile_axis_sigma(
 
 def profile_scales(profile: dict[str, Any], reference: str) -> dict[int, float]:
     """Return each site's σ scale for a reference: 1 for absolute, else its RMS or range."""
-    if reference == "absolute":
-        return {site["index"]: 1.0 for site in profile["sites"]}
-    key = "rms" if reference == "rms" else "range"
-    return {
-        site["index"]: (site["statistics"][key] if site["statistics"][key] > 0 else 1.0) for site in profile["sites"]
-    }
+    scales = reference_scales([site["statistics"] for site in profile["sites"]], reference)
+    return {site["index"]: scales[position] for position, site in enumerate(profile["sites"])}
 
 
 def global_midpoint(profile: dict[str, Any]) -> float | None:
