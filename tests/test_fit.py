@@ -168,6 +168,46 @@ def test_fit_curve_keeps_one_step_for_asymmetric_drop(seed):
     assert result.second_midpoint is None
 
 
+def test_fit_curve_error_scale_near_one_for_exact_logistic():
+    # Binomial scatter around a true logistic: χ²/dof is about 1, so the scale stays small.
+    true = logistic_accuracy(LOG_GRID, 0.9, CHANCE, mu=0.3, s=0.2, space="log")
+    scales = [fit_curve(sample_points(LOG_GRID, true, seed), CHANCE, "log").error_scale for seed in range(5)]
+
+    assert all(scale >= 1.0 for scale in scales)
+    assert np.median(scales) < 1.6
+
+
+def test_fit_curve_scales_error_by_birge_ratio_on_misfit():
+    # A Gompertz-shaped drop measured exactly is further from any logistic than errors of
+    # 0.006 allow (above the binomial floor of 10,000 samples, so no point is floored).
+    u = np.log10(WIDE_LOG_GRID[1:])
+    true = np.concatenate([[0.9], CHANCE + 0.8 * np.exp(-np.exp((u + 0.5) / 0.3))])
+    result = fit_curve(exact_points(WIDE_LOG_GRID, true, stderr=0.006), CHANCE, "log")
+
+    assert result.status == "ok"
+    assert result.error_scale > 1.5
+    assert result.statistical_error == pytest.approx(result.midpoint_error / result.error_scale)
+    # The same points with errors as large as the misfit need no scaling, and their
+    # covariance error is as large as the scaled one.
+    loose = fit_curve(exact_points(WIDE_LOG_GRID, true, stderr=0.006 * result.error_scale), CHANCE, "log")
+    assert loose.error_scale == pytest.approx(1.0, abs=1e-6)
+    assert loose.midpoint_error == pytest.approx(result.midpoint_error, rel=1e-4)
+
+
+def test_fit_result_error_scale_round_trip_and_validation():
+    u = np.log10(WIDE_LOG_GRID[1:])
+    true = np.concatenate([[0.9], CHANCE + 0.8 * np.exp(-np.exp((u + 0.5) / 0.3))])
+    result = fit_curve(exact_points(WIDE_LOG_GRID, true), CHANCE, "log")
+    record = json.loads(json.dumps(result.to_dict()))
+
+    assert record["error_scale"] == result.error_scale
+    assert FitResult.from_dict(record) == result
+    old = {key: value for key, value in record.items() if key != "error_scale"}
+    assert FitResult.from_dict(old).error_scale == 1.0
+    with pytest.raises(FileFormatError, match="error_scale"):
+        FitResult.from_dict({**record, "error_scale": 0.5})
+
+
 # --- curves without a fitted midpoint ---
 
 

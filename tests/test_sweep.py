@@ -8,9 +8,11 @@ raises KeyboardInterrupt after a given number of finished trials.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from wnplan import records
@@ -18,6 +20,7 @@ from wnplan.data import load_data
 from wnplan.errors import SettingsError
 from wnplan.evaluate import InferenceEvaluator, evaluate_noisy
 from wnplan.executors import InProcessExecutor
+from wnplan.fit import fit_curve
 from wnplan.models import load_model
 from wnplan.noise import NoiseSpec, site_noise
 from wnplan.profiler import Execution, ProfileSettings, profile
@@ -299,3 +302,32 @@ def test_walking_trial_equals_full_noisy_run(digits_mlp):
             expected = evaluate_noisy(model, data, level, context.noise_seed(trial), chunk_samples=32)
             assert result.correct == expected, (site.name, trial.sigma)
             assert result.total == LIMIT
+
+
+def _run_synthetic(curve: Curve, accuracy, samples: int = 10_000) -> int:
+    """Feed a curve binomial results of a known accuracy function; return its trial count."""
+    rng = np.random.default_rng(0)
+    count = 0
+    while trials := curve.next_trials(3):
+        for trial in trials:
+            total = trial.samples or samples
+            curve.add(trial, TrialResult(int(rng.binomial(total, accuracy(trial.sigma))), total))
+            count += 1
+    return count
+
+
+def test_target_error_ignores_misfit_part_of_error():
+    # A Gompertz-shaped fall is no logistic: with 10,000 samples the fit's χ²/dof is far above 1.
+    # More repeats cannot shrink that part, so the refinement stops on the sampling error.
+    def gompertz(sigma: float) -> float:
+        return 0.1 + 0.8 * math.exp(-math.exp((math.log10(sigma) + 0.3) / 0.25))
+
+    curve = Curve("walking", (0,), ("x",), 0.9, 0.1, clean=(9000, 10_000), screen_samples=1000,
+                  target_error=0.01, max_trials=200)
+    trials = _run_synthetic(curve, gompertz)
+    fit = fit_curve(curve.curve_points(), chance=0.1, space="log")
+
+    assert fit.status == "ok"
+    assert fit.error_scale > 2.0
+    assert fit.statistical_error <= 0.01 * fit.midpoint < fit.midpoint_error
+    assert trials < 100  # the misfit-scaled error would have added repeats up to the cap

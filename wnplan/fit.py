@@ -34,7 +34,11 @@ point has u = −∞, where F equals a_max, so it constrains a_max only.
    20 % of the drop, and the steps do not overlap (µ2 − µ1 > 2(s1 + s2)). The midpoint is the
    µ of the larger step, where the whole curve crosses half-way, and the other µ is the
    second midpoint.
-   The standard errors come from the fit covariance.
+   The standard errors come from the fit covariance. When the logistic describes the points
+   worse than their errors allow (χ² per degree of freedom above 1), the errors of µ are
+   multiplied by √(χ²/dof), the Birge ratio, kept as `error_scale`. Measured curves are
+   rarely exact logistics: with 10,000 samples the misfit, not the sampling noise, sets
+   how far µ moves when the σ grid changes, and the scaled error covers it.
 7. fallback, after fitting, in any of these cases:
    - the fit does not converge;
    - the standard error of µ is not finite or exceeds the measured range;
@@ -144,6 +148,7 @@ class FitResult:
     upper_bound: bool = False
     reason: str = ""
     params: dict[str, float] = field(default_factory=dict)
+    error_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name, allowed in (("status", STATUSES), ("method", METHODS), ("space", SPACES)):
@@ -155,6 +160,10 @@ class FitResult:
         if not isinstance(self.reason, str) or not isinstance(self.params, Mapping):
             raise TypeError("reason must be a string and params a mapping of names to numbers")
 
+        if isinstance(self.error_scale, bool) or not isinstance(self.error_scale, (int, float)):
+            raise TypeError(f"error_scale={self.error_scale!r}, expected a number")
+        if not (math.isfinite(self.error_scale) and self.error_scale >= 1.0):
+            raise ValueError(f"error_scale={self.error_scale!r}, expected a finite number ≥ 1")
         numbers = {name: getattr(self, name) for name in (*_OPTIONAL_NUMBERS, "a_max", "a_min")}
         numbers.update({f"params[{key!r}]": value for key, value in self.params.items()})
         for name, value in numbers.items():
@@ -171,7 +180,13 @@ class FitResult:
         for name in (*_OPTIONAL_NUMBERS, "a_max", "a_min"):
             record[name] = None if record[name] is None else float(record[name])
         record["params"] = {key: float(value) for key, value in sorted(self.params.items())}
+        record["error_scale"] = float(self.error_scale)
         return record
+
+    @property
+    def statistical_error(self) -> float | None:
+        """The standard error of the midpoint from the sampling noise alone, without the misfit."""
+        return None if self.midpoint_error is None else self.midpoint_error / self.error_scale
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> FitResult:
@@ -600,8 +615,9 @@ def _logistic_result(curve: _Curve, fit: _Fit, method: str) -> FitResult:
     main, other = "mu", ""
     if method == "two-logistic":
         main, other = ("mu1", "mu2") if v["weight"] >= 0.5 else ("mu2", "mu1")
-    midpoint, midpoint_error = _to_sigma(v[main], e[main], curve.space)
-    second, second_error = _to_sigma(v[other], e[other], curve.space) if other else (None, None)
+    scale = _birge_ratio(fit, len(curve.x))
+    midpoint, midpoint_error = _to_sigma(v[main], e[main] * scale, curve.space)
+    second, second_error = _to_sigma(v[other], e[other] * scale, curve.space) if other else (None, None)
     return FitResult(
         status="ok",
         method=method,
@@ -614,7 +630,16 @@ def _logistic_result(curve: _Curve, fit: _Fit, method: str) -> FitResult:
         second_midpoint=second,
         second_midpoint_error=second_error,
         params=v,
+        error_scale=scale,
     )
+
+
+def _birge_ratio(fit: _Fit, points: int) -> float:
+    """Return √(χ²/dof) when the points scatter around the fit more than their errors allow, else 1."""
+    dof = points - fit.n_free
+    if dof < 1:
+        return 1.0
+    return max(1.0, math.sqrt(fit.chi2 / dof))
 
 
 def _to_sigma(x: float, error: float, space: str) -> tuple[float, float]:

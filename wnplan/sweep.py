@@ -114,7 +114,7 @@ class Curve:
     screen_samples: int | None = None
     target_error: float | None = None
     max_trials: int | None = None
-    fit_space: str = "linear"
+    fit_space: str = "log"
     reasons: dict[float, str] = field(default_factory=dict)
     results: dict[float, list[TrialResult]] = field(default_factory=dict)
     screen: dict[float, list[TrialResult]] = field(default_factory=dict)
@@ -196,9 +196,10 @@ class Curve:
         if self.max_trials is not None and self._trials + 2 * repeats > self.max_trials:
             return []
         fit = fit_curve(self.curve_points(), chance=self.a_min, space=self.fit_space)
-        if fit.status != "ok" or fit.midpoint is None or fit.midpoint_error is None:
+        if fit.status != "ok" or fit.midpoint is None or fit.statistical_error is None:
             return []
-        if fit.midpoint_error <= self.target_error * fit.midpoint:
+        # More repeats shrink the sampling error only, not the misfit part of midpoint_error.
+        if fit.statistical_error <= self.target_error * fit.midpoint:
             return []
         nearest = sorted(self.results, key=lambda sigma: abs(math.log10(sigma / fit.midpoint)))[:2]
         trials = []
