@@ -70,6 +70,12 @@ TrustOption = Annotated[
     bool, typer.Option("--trust", help="Load files that can run code: pickled modules, and .pt2 programs without wnplan's safety checks.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        help="Where models run: cpu, or cuda (torch on the GPU; ONNX on onnxruntime's CUDAExecutionProvider). Noise is drawn on the CPU for both."
+    ),
+]
 
 
 @app.command()
@@ -173,7 +179,7 @@ def profile(
     relative: Annotated[
         str | None, typer.Option(help="Make σ relative to each site's clean rms or range. Default: absolute σ.")
     ] = None,
-    fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "linear",
+    fit_space: Annotated[str, typer.Option(help="Fit the logistic in σ (linear) or in log10 σ (log).")] = "log",
     global_include_norm: Annotated[
         bool, typer.Option("--global-include-norm", help="Also put global noise on normalization (BatchNorm) sites.")
     ] = False,
@@ -219,6 +225,7 @@ def profile(
             help="Threads for onnxruntime and torch. Default: the libraries' own; 1 per worker with --workers."
         ),
     ] = None,
+    device: DeviceOption = "cpu",
     workers: Annotated[
         int,
         typer.Option(
@@ -240,6 +247,8 @@ def profile(
     from wnplan.profiler import profile as run_profile
 
     _set_threads(threads)
+    # Check the name first, so that an unknown name is reported as unknown, not as trained mode's cpu-only rule.
+    runtime.check_device(device)
     spec = NoiseSpec(noise, order, mix_ratio, relative or "absolute")
     settings = ProfileSettings(
         noise=spec,
@@ -256,10 +265,11 @@ def profile(
         target_error=target_error,
         max_trials=max_trials,
         training=_training_settings(
-            mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit
+            mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit, device
         ),
         train_data=train_data,
     )
+    _set_device(device, model.suffix.lower().lstrip("."))
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
         trials, exact = count_trials(loaded, settings)
@@ -291,7 +301,7 @@ def profile(
 
 
 def _training_settings(
-    mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit
+    mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit, device
 ):
     if mode == "inference":
         return None
@@ -307,6 +317,7 @@ def _training_settings(
         clamp_weights=clamp_weights,
         grad=grad,
         train_limit=train_limit,
+        device=device,
     )
 
 
@@ -413,6 +424,7 @@ def allocate(
     seed: Annotated[int, typer.Option(help="Base seed of the search's noise draws.")] = 0,
     out: Annotated[Path, typer.Option(help="Plan file to write.")] = records.DEFAULT_PATHS["plan"],
     threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
+    device: DeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
     """Spread a budget of executions over the profiled sites, hint bit widths, shield sites; write a plan."""
@@ -422,6 +434,7 @@ def allocate(
 
     _set_threads(threads)
     profile_record = records.read_record(profile_path, "profile")
+    _set_device(device, profile_record["model"]["format"])
     settings = AllocationSettings(
         budget=budget,
         method=method,
@@ -492,6 +505,7 @@ def check(
     seed: Annotated[int, typer.Option(help="Base seed of the noise draws.")] = 0,
     out: Annotated[Path, typer.Option(help="Check file to write.")] = records.DEFAULT_PATHS["check"],
     threads: Annotated[int | None, typer.Option(help="Threads for onnxruntime and torch.")] = None,
+    device: DeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
     """Simulate the noisy accelerator: the plan against uniform, paper and clean; write the results."""
@@ -500,7 +514,8 @@ def check(
 
     _set_threads(threads)
     plan = records.read_record(plan_path, "plan")
-    device = load_accelerator(accelerator) if accelerator else None
+    _set_device(device, plan["profile"]["model"]["format"])
+    accelerator_profile = load_accelerator(accelerator) if accelerator else None
     total = 3 * repeats
     with _progress("checking", total=total) as advance:
         done = [0]
@@ -511,7 +526,7 @@ def check(
 
         result = run_check(
             plan,
-            accelerator=device,
+            accelerator=accelerator_profile,
             sigma=sigma,
             quantize=quantize,
             repeats=repeats,
@@ -629,6 +644,11 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise SettingsError(f"invalid --threads {threads}: expected at least 1")
     runtime.set_threads(threads)
+
+
+def _set_device(device: str, model_format: str) -> None:
+    """Run models on `device`, after checking that it can run models of this format."""
+    runtime.set_device(device, "onnx" if model_format == "onnx" else "torch")
 
 
 class _progress:

@@ -10,6 +10,8 @@ workers, or the order in which chunks finish.
   one curve before starting the next so a site's clean values stay cached.
 - `ProcessPoolExecutor` (`--workers N`) runs chunks in N local worker processes. The model
   is loaded and the data unpickled once per worker.
+
+Workers take the driver's thread count and device from the job (see `EvaluationJob`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wnplan import runtime
 from wnplan.data import Dataset
 from wnplan.errors import SettingsError
 from wnplan.noise import NoiseSpec, derive_seed
@@ -45,6 +48,8 @@ class EvaluationJob:
         scales: per-site σ scale for relative σ.
         identity: the sweep-wide part of each trial identity (noise record, mode, seed).
         threads: thread count each worker uses, or None for the libraries' defaults.
+        device: device each worker runs the model on, "cpu" or "cuda". Default: this
+            process's device when the job is made (`wnplan.runtime.device()`).
         options: mode-specific settings (for example training settings and data).
     """
 
@@ -56,6 +61,7 @@ class EvaluationJob:
     scales: Mapping[int, float]
     identity: Mapping[str, Any]
     threads: int | None = None
+    device: str = field(default_factory=runtime.device)
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def noise_seed(self, trial: Trial) -> int:
@@ -65,11 +71,11 @@ class EvaluationJob:
 
 def build_runner(job: EvaluationJob) -> Callable[[Sequence[Trial]], Iterator[TrialResult]]:
     """Load the model and return the function that evaluates one chunk of trials."""
-    from wnplan import runtime
     from wnplan.evaluate import InferenceEvaluator
     from wnplan.models import load_model
 
     runtime.set_threads(job.threads)
+    runtime.set_device(job.device)
     model = load_model(job.model_path, factory=job.factory, trust=job.trust, sample=job.data.x[:2])
     make = job.options.get("make_evaluator")
     if make is not None:

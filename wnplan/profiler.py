@@ -69,7 +69,7 @@ class ProfileSettings:
     repeats: int = 3
     sigmas: tuple[float, ...] | None = None
     seed: int = 0
-    fit_space: str = "linear"
+    fit_space: str = "log"
     global_include_norm: bool = False
     maps: bool = False
     screen_samples: int = 1000
@@ -465,6 +465,7 @@ def _profile_record(
             "screen_samples": settings.screen_samples,
             "target_error": settings.target_error,
             "max_trials": settings.max_trials,
+            "device": runtime.device(),
         },
         "classes": classes,
         "chance": 1.0 / classes,

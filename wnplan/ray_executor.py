@@ -1,7 +1,8 @@
 """The Ray executor (`--ray`): run the chunks of a sweep on a Ray cluster.
 
-Workers are Ray actors that each reserve one CPU. An actor builds its runner on its first
-chunk (loads the model, pins its thread count) and keeps it. The executor hands each idle
+Workers are Ray actors that each reserve one CPU, and with `--device cuda` an equal share of
+the cluster's GPUs (see `gpu_share`). An actor builds its runner on its first chunk (loads
+the model, pins its thread count and device) and keeps it. The executor hands each idle
 actor one chunk at a time, taking the queued chunk with the lowest priority. It prefers an
 actor that last ran the same scope and sites, because that actor still caches the clean
 values at the walking site. The job and the model file's bytes are put in the object store
@@ -26,6 +27,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -79,8 +81,9 @@ class RayExecutor(Executor):
             (which also sizes the local cluster), and the cluster's CPUs otherwise.
 
     Raises:
-        SettingsError: ray is not installed, the address is invalid, or the cluster
-            failed to start or could not be reached.
+        SettingsError: ray is not installed, the address is invalid, the cluster failed
+            to start or could not be reached, or the job's device is "cuda" and the
+            cluster has no GPU.
     """
 
     def __init__(self, job: EvaluationJob, address: str, workers: int | None = None) -> None:
@@ -107,9 +110,13 @@ class RayExecutor(Executor):
 
     def _start_actors(self, job: EvaluationJob, count: int) -> None:
         ray = self._ray
+        # Ray hides every GPU from an actor that reserves none, so CUDA workers must reserve some.
+        gpus_per_actor = gpu_share(ray.cluster_resources().get("GPU", 0), count) if job.device == "cuda" else 0
         model = Path(job.model_path)
         self._shipment = Shipment(ray.put(job), ray.put(model.read_bytes()), file_sha256(model))
-        actor_class = ray.remote(num_cpus=1, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)(ChunkWorker)
+        actor_class = ray.remote(
+            num_cpus=1, num_gpus=gpus_per_actor, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES
+        )(ChunkWorker)
         self._actors = [actor_class.remote() for _ in range(count)]
 
     def submit(self, ticket: int, trials: Sequence[Trial], priority: int) -> None:
@@ -298,6 +305,24 @@ def join_cluster(ray: ModuleType, address: str, source: str) -> None:
             + "the cluster runs the same ray and Python versions as this machine"
         ) from None
     logger.info("joined the Ray cluster at %s", address)
+
+
+def gpu_share(gpus: float, actors: int) -> float:
+    """Return the GPUs each of `actors` actors reserves on a cluster with `gpus` GPUs.
+
+    With k = ceil(actors / gpus) actors per GPU, each actor reserves 1/k of a GPU, and never
+    more than one GPU. The share is rounded down to the 0.0001 steps that Ray accepts.
+
+    Raises:
+        SettingsError: the cluster has no GPU.
+    """
+    if gpus <= 0:
+        raise SettingsError(
+            "--device cuda with --ray: the Ray cluster has no GPU; start its nodes on machines with "
+            + "GPUs (`ray start --num-gpus N`), or use --device cpu"
+        )
+    per_gpu = math.ceil(actors / gpus)
+    return math.floor(10000 / per_gpu) / 10000
 
 
 def cluster_cpus(ray: ModuleType) -> int:

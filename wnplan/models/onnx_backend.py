@@ -1,4 +1,9 @@
-"""ONNX models, run by onnxruntime, with noise inserted by rewriting a copy of the graph."""
+"""ONNX models, run by onnxruntime, with noise inserted by rewriting a copy of the graph.
+
+Sessions run on the CPUExecutionProvider, or with `wnplan.runtime.set_device("cuda")` on the
+CUDAExecutionProvider, which hands the operators it does not implement to the CPU provider.
+Inputs, noise and outputs are numpy arrays on the CPU for both devices.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from wnplan import runtime
-from wnplan.errors import ModelError
+from wnplan.errors import ModelError, SettingsError
 from wnplan.models import onnx_graph
 from wnplan.models.base import BatchLimits, DataDeclaration, Model, NoiseArrays, Quantizers, Site, Suffix
 from wnplan.models.onnx_files import check_versions, content_sha256, load_onnx, require_in_memory
@@ -35,6 +40,9 @@ ORT_ERRORS: tuple[type[Exception], ...] = (
     RuntimeError,
 )
 
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+CUDA_PROVIDERS = (runtime.CUDA_PROVIDER, "CPUExecutionProvider")
+
 # Without data, dynamic dimensions are probed as 1 and fixed ones as declared. A declared
 # input larger than this many values is not probed with zeros.
 # NOTE: the limit (256 MiB of float32) is a guess at the largest plausible single sample.
@@ -52,12 +60,21 @@ class OnnxModel(Model):
         path: the .onnx file; external data files are read from its folder.
         sample: input samples, shape (N, ...), used to probe shapes when the model declares
             dynamic dimensions; None probes with zeros.
+
+    The model runs on the device that `wnplan.runtime.device()` names when it is built.
+
+    Raises:
+        ModelError: the file is not a valid ONNX classifier, or onnxruntime rejects it.
+        SettingsError: the configured device is "cuda" and onnxruntime has no usable
+            CUDAExecutionProvider.
     """
 
     format = "onnx"
 
     def __init__(self, path: Path, sample: np.ndarray | None = None) -> None:
         super().__init__(path)
+        runtime.check_device(runtime.device(), "onnx")
+        self.device = runtime.device()
         self.proto, data_files = load_onnx(path)
         if data_files:
             self.sha256 = content_sha256(path, data_files)
@@ -222,7 +239,7 @@ class OnnxModel(Model):
     def _session(self, key: tuple, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
         session = self._sessions.get(key)
         if session is None:
-            session = make_session(build(), self.path)
+            session = make_session(build(), self.path, self.device)
             self._sessions[key] = session
         return session
 
@@ -267,7 +284,7 @@ class OnnxModel(Model):
     def suffix(self, index: int) -> Suffix:
         site = self._sites[index]
         suffix_proto, boundary = onnx_graph.extract_suffix(self.proto, self._nodes, site.name, self._types)
-        suffix_session = make_session(suffix_proto, self.path)
+        suffix_session = make_session(suffix_proto, self.path, self.device)
         return _OnnxSuffix(site, self, boundary, suffix_session, limits=self.batch_limits)
 
 
@@ -302,11 +319,15 @@ def run_session(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], p
         raise ModelError(message) from None
 
 
-def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:
-    """Build an onnxruntime session on the CPU with the configured thread count.
+def make_session(proto: onnx.ModelProto, path: Path, device: str | None = None) -> ort.InferenceSession:
+    """Build an onnxruntime session on `device` with the configured thread count.
+
+    `device` is "cpu" or "cuda"; None takes `wnplan.runtime.device()`.
 
     Raises:
         ModelError: a tensor still refers to external data, or onnxruntime rejects the model.
+        SettingsError: the device is "cuda" and onnxruntime has no CUDAExecutionProvider,
+            or could not start it.
     """
     require_in_memory(proto, path)
     options = ort.SessionOptions()
@@ -322,10 +343,22 @@ def make_session(proto: onnx.ModelProto, path: Path) -> ort.InferenceSession:
         serialized = proto.SerializeToString()
     except ValueError as error:  # protobuf refuses messages of 2 GB or more
         raise ModelError(f"{path}: the rewritten model cannot be serialized ({error})") from None
+    device = device or runtime.device()
+    runtime.check_device(device, "onnx")
+    providers = CUDA_PROVIDERS if device == "cuda" else CPU_PROVIDERS
     try:
-        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(serialized, options, providers=list(providers))
     except ORT_ERRORS as error:
         raise ModelError(f"{path}: onnxruntime cannot run this model: {_ort_message(error)}") from None
+    if device == "cuda" and runtime.CUDA_PROVIDER not in session.get_providers():
+        # onnxruntime-gpu logs an error and falls back to the CPU when the CUDA or cuDNN
+        # libraries it was built for cannot be loaded.
+        raise SettingsError(
+            f"--device cuda: onnxruntime {ort.__version__} could not start its {runtime.CUDA_PROVIDER} "
+            + f"for {path}; install the CUDA and cuDNN versions that this onnxruntime-gpu release "
+            + "requires, or use --device cpu"
+        )
+    return session
 
 
 def _ort_message(error: BaseException) -> str:

@@ -8,12 +8,18 @@ the original's parameters; the user's module and file are never modified.
 A program exported in train mode computes BatchNorm from batch statistics, updates the
 running statistics in place, and applies Dropout. Its graph is rewritten to eval semantics
 on load (running statistics, no update, no Dropout), so evaluation never changes a buffer.
+
+On a CUDA device (`wnplan.runtime.set_device("cuda")`), the built GraphModules take their
+parameters from one copy of the model on the GPU, and every input and noise tensor is moved
+there. Scores and activations come back as CPU numpy arrays, as on the CPU.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import sympy
 import torch
 from torch import fx
 
+from wnplan import runtime
 from wnplan.errors import ModelError
 from wnplan.models.base import BatchLimits, Model, NoiseArrays, Quantizers, Site, Suffix
 from wnplan.quantize import Quantizer
@@ -92,6 +99,12 @@ class TorchModel(Model):
         format_name: "pt2", "state-dict" or "pickle", recorded in profiles.
         sample: input samples, shape (N, ...); needed only when the program has dynamic
             dimensions other than the batch, to measure the shape of each site.
+
+    The model runs on the device that `wnplan.runtime.device()` names when it is built.
+
+    Raises:
+        ModelError: the program cannot be run as a classifier.
+        SettingsError: the configured device is "cuda" and torch finds no CUDA GPU.
     """
 
     def __init__(
@@ -103,6 +116,8 @@ class TorchModel(Model):
     ) -> None:
         super().__init__(path)
         self.format = format_name
+        runtime.check_device(runtime.device(), "torch")
+        self.device = torch.device(runtime.device())
         try:
             self._module = program.module()
         except Exception as error:  # torch raises many error types while unlifting
@@ -123,6 +138,8 @@ class TorchModel(Model):
             logger.warning(TRAIN_MODE_WARNING, path, ", ".join(changed))
         _reject_buffer_updates(self._module, self._logits, path)
         self.batch_limits = _batch_limits(self._input, program)
+        # The CPU module stays as loaded, because trained mode builds its twin from it.
+        self._root = self._module if self.device.type == "cpu" else copy_to_device(self._module, self.device)
         self._modules: dict[tuple, fx.GraphModule] = {}
         self._site_nodes = self._find_site_nodes()
         self._sites = self._describe_sites(sample)
@@ -185,9 +202,19 @@ class TorchModel(Model):
     def _build(self, key: tuple, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], noisy: Sequence[fx.Node] = ()):
         module = self._modules.get(key)
         if module is None:
-            module = build_graph_module(self._module, inputs, outputs, noisy)
+            module = self._graph_module(inputs, outputs, noisy)
             self._modules[key] = module
         return module
+
+    def _graph_module(
+        self,
+        inputs: Sequence[fx.Node],
+        outputs: Sequence[fx.Node],
+        noisy: Sequence[fx.Node] = (),
+        quantized: Mapping[fx.Node, Quantizer] | None = None,
+    ) -> fx.GraphModule:
+        """Build a GraphModule of this model's graph that runs on the model's device."""
+        return build_graph_module(self._module, inputs, outputs, noisy, quantized, root=self._root, device=self.device)
 
     def _run(self, x: np.ndarray, noise: NoiseArrays, quantize: Quantizers) -> np.ndarray:
         order = sorted(noise)
@@ -196,11 +223,11 @@ class TorchModel(Model):
         key = ("run", *order, *sorted(quantize.items()))
         module = self._modules.get(key)
         if module is None:
-            module = build_graph_module(self._module, [self._input], [self._logits], noisy, quantized)
+            module = self._graph_module([self._input], [self._logits], noisy, quantized)
             self._modules[key] = module
         arguments = [self._input_tensor(x)]
         for index in order:
-            arguments.extend(_to_tensor(part) for part in noise[index])
+            arguments.extend(_to_tensor(part, self.device) for part in noise[index])
         return forward(module, arguments, self.path)[0]
 
     def _activations(self, x: np.ndarray, indices: Sequence[int]) -> list[np.ndarray]:
@@ -209,13 +236,13 @@ class TorchModel(Model):
         return forward(module, [self._input_tensor(x)], self.path)
 
     def _input_tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self._input_dtype)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self._input_dtype).to(self.device)
 
     def suffix(self, index: int) -> Suffix:
         site_node = self._site_nodes[index]
         boundary = suffix_boundary(site_node, carries_samples(self._input, self._nodes))
-        prefix = build_graph_module(self._module, [self._input], boundary)
-        rest = build_graph_module(self._module, boundary, [self._logits])
+        prefix = self._graph_module([self._input], boundary)
+        rest = self._graph_module(boundary, [self._logits])
         return _TorchSuffix(self._sites[index], self, prefix, rest, limits=self.batch_limits)
 
 
@@ -230,19 +257,25 @@ class _TorchSuffix(Suffix):
         return forward(self._prefix, [self._model._input_tensor(x)], self._model.path)
 
     def _run(self, values: Sequence[np.ndarray]) -> np.ndarray:
-        tensors = [torch.from_numpy(np.ascontiguousarray(value)) for value in values]
+        # NOTE: the clean boundary values are cached as numpy arrays, so on CUDA they are
+        # copied to the GPU again for every trial.
+        tensors = [torch.from_numpy(np.ascontiguousarray(value)).to(self._model.device) for value in values]
         return forward(self._rest, tensors, self._model.path)[0]
 
 
 def forward(module: fx.GraphModule, arguments: Sequence[torch.Tensor | None], path: Path) -> list[np.ndarray]:
-    """Run a built graph module without autograd; raise ModelError if the model fails.
+    """Run a built graph module without autograd; return its outputs as CPU numpy arrays.
 
     Shape guards of an exported program raise AssertionError, and operators raise
-    RuntimeError (for example on mismatched shapes).
+    RuntimeError (for example on mismatched shapes, or when CUDA runs out of memory).
+
+    Raises:
+        ModelError: the model failed on these arguments.
     """
     try:
         with torch.inference_mode():
-            return [value.numpy() for value in module(*arguments)]
+            # Tensor.cpu() returns a CPU tensor itself, so CPU results are not copied.
+            return [value.cpu().numpy() for value in module(*arguments)]
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as error:
         shapes = ", ".join(str(tuple(argument.shape)) for argument in arguments if argument is not None)
         text = " ".join(str(error).split())[:500] or type(error).__name__
@@ -263,7 +296,7 @@ _TRAINING_FLAGS = {
 }
 # BatchNorm operators that always update the running statistics, and their eval forms.
 TRAIN_MODE_WARNING = (
-    "%s was exported in train mode; evaluating it in eval mode (BatchNorm running statistics, no Dropout) "
+    "%s was exported in train mode; evaluating it in eval mode (BatchNorm running statistics, no Dropout) " +
     "without updating any buffer: %s"
 )
 _UPDATING_BATCH_NORMS = {
@@ -431,12 +464,18 @@ def build_graph_module(
     outputs: Sequence[fx.Node],
     noisy: Sequence[fx.Node] = (),
     quantized: Mapping[fx.Node, Quantizer] | None = None,
+    *,
+    root: fx.GraphModule | None = None,
+    device: torch.device | None = None,
 ) -> fx.GraphModule:
     """Return a GraphModule computing `outputs` from `inputs`, with noise after `noisy` nodes.
 
     The new module takes the inputs, then a (mul, add) pair per noisy node, and returns a
     tuple of the outputs. Nodes in `quantized` are fake-quantized after their noise. The
-    module shares parameters with `source`.
+    module shares parameters with `root`, which defaults to `source`. A root made by
+    `copy_to_device` runs the module on that device, and `device` then makes operators
+    that create tensors on the CPU (such as `torch.zeros(..., device="cpu")`) create them
+    there instead.
     """
     quantized = quantized or {}
     needed = _ancestors(outputs, stop=set(inputs))
@@ -468,8 +507,51 @@ def build_graph_module(
         transform(node)
 
     graph.output(tuple(env[node] for node in outputs))
+    if device is not None and device.type != "cpu":
+        retarget_created_tensors(graph, device)
     graph.lint()
-    return fx.GraphModule(source, graph)
+    return fx.GraphModule(source if root is None else root, graph)
+
+
+def copy_to_device(module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """Return a copy of `module` whose parameters, buffers and tensor attributes are on `device`.
+
+    `module` is not changed, nor is any module that shares its parameters (such as the
+    user's module behind a state dict). The copy keeps the attribute names, so it can be
+    the `root` of `build_graph_module` for graphs built from `module`.
+    """
+    with warnings.catch_warnings():
+        # torch 2.13 warns about its own deprecated LeafSpec while copying the input spec.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        moved = copy.deepcopy(module).to(device)
+    for node in moved.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, name = str(node.target).rpartition(".")
+        owner = moved.get_submodule(owner_path) if owner_path else moved
+        value = getattr(owner, name)
+        # Module.to moves parameters and registered buffers; a plain tensor attribute stays behind.
+        if isinstance(value, torch.Tensor) and value.device.type != device.type:
+            setattr(owner, name, value.to(device))
+    return moved
+
+
+def retarget_created_tensors(graph: fx.Graph, device: torch.device) -> list[str]:
+    """Make operators that create tensors on the CPU create them on `device`; return their names.
+
+    Exported graphs record the device of every tensor a model creates in its forward (for
+    example `aten.zeros(..., device=cpu)` or `aten._to_copy(..., device=cpu)`), which would
+    mix devices when the model's inputs and parameters are on the GPU.
+    """
+    changed = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        placed = node.kwargs.get("device")
+        if isinstance(placed, torch.device) and placed.type == "cpu":
+            node.kwargs = {**node.kwargs, "device": device}
+            changed.append(node.name)
+    return changed
 
 
 def _ancestors(outputs: Sequence[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
@@ -552,5 +634,5 @@ def _flatten_output(value) -> list[fx.Node]:
     return []
 
 
-def _to_tensor(array: np.ndarray | None) -> torch.Tensor | None:
-    return None if array is None else torch.from_numpy(array)
+def _to_tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array).to(device)

@@ -92,7 +92,10 @@ class TrainingSettings:
         _check_choice("--schedule", self.schedule, SCHEDULES)
         _check_choice("--grad", self.grad, GRADIENTS)
         if self.device != "cpu":
-            raise SettingsError(f"invalid --device {self.device!r}: trained mode runs on the cpu only")
+            raise SettingsError(
+                f"invalid --device {self.device!r}: trained mode runs on the cpu only; "
+                + "pass --device cpu, or --mode inference to run on the GPU"
+            )
         for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                               ("--eval-batch-size", self.eval_batch_size)):
             if value < 1:
