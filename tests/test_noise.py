@@ -25,6 +25,7 @@ from wnplan.noise import (
     apply_noise,
     derive_seed,
     draw_noise,
+    noisy_into,
     site_noise,
 )
 
@@ -302,3 +303,25 @@ def test_noise_spec_invalid_value_raises(arguments, quoted):
 def test_noise_spec_dict_round_trip():
     for spec in (NoiseSpec("additive", reference="range"), NoiseSpec("mixed", "add-first", 0.3, "rms")):
         assert NoiseSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [
+        SiteNoise(),
+        SiteNoise(sigma_add=0.7),
+        SiteNoise(sigma_mul=0.3),
+        SiteNoise(sigma_mul=0.3, sigma_add=0.7),
+        SiteNoise(sigma_mul=0.3, sigma_add=0.7, add_first=True),
+    ],
+    ids=["clean", "additive", "multiplicative", "mul-first", "add-first"],
+)
+def test_noisy_into_equals_apply_noise_bit_for_bit(noise):
+    x = np.random.default_rng(5).standard_normal((600, 3, 4)).astype(np.float32)
+    expected = apply_noise(x, *draw_noise(noise, x.shape, SEED, site_index=3, start=300))
+    out = np.full((2 * 600, 3, 4), np.nan, np.float32)
+
+    noisy_into(out[600:], x, noise, SEED, site_index=3, start=300)
+
+    np.testing.assert_array_equal(out[600:], expected)
+    assert np.isnan(out[:600]).all()  # only the given rows are written

@@ -15,7 +15,16 @@ import numpy as np
 
 from wnplan.data import Dataset
 from wnplan.models import Model
-from wnplan.noise import NoiseSpec, SiteNoise, apply_noise, draw_noise, draw_standard, scale_noise, site_noise
+from wnplan.noise import (
+    NoiseSpec,
+    SiteNoise,
+    apply_noise,
+    draw_noise,
+    draw_standard,
+    noisy_into,
+    scale_noise,
+    site_noise,
+)
 from wnplan.quantize import Quantizer
 from wnplan.store import TrialResult
 from wnplan.sweep import Trial
@@ -226,13 +235,22 @@ class InferenceEvaluator:
     def _run_stacked(suffix, boundary, levels, seeds, site, start) -> np.ndarray:
         """Run the suffix once for several trials, their noisy site values stacked on axis 0."""
         value = boundary[0]
-        noisy = []
-        for level, seed in zip(levels, seeds, strict=True):
-            mul, add = draw_noise(level, value.shape, seed, site, start, value.dtype)
-            noisy.append(apply_noise(value, mul, add))
-        if len(noisy) == 1:
-            return suffix.run(boundary, noisy[0])
-        stacked = [np.concatenate(noisy)] + [np.concatenate([other] * len(noisy)) for other in boundary[1:]]
+        if value.dtype != np.float32:
+            noisy = []
+            for level, seed in zip(levels, seeds, strict=True):
+                mul, add = draw_noise(level, value.shape, seed, site, start, value.dtype)
+                noisy.append(apply_noise(value, mul, add))
+            stacked_value = np.concatenate(noisy)
+        else:
+            # Each trial's noisy values go straight into its rows of the stacked batch: no
+            # temporaries for the scaled noise and no concatenation pass over the batch.
+            rows = value.shape[0]
+            stacked_value = np.empty((rows * len(levels), *value.shape[1:]), np.float32)
+            for position, (level, seed) in enumerate(zip(levels, seeds, strict=True)):
+                noisy_into(stacked_value[position * rows : (position + 1) * rows], value, level, seed, site, start)
+        if len(levels) == 1:
+            return suffix.run(boundary, stacked_value)
+        stacked = [stacked_value] + [np.concatenate([other] * len(levels)) for other in boundary[1:]]
         return suffix.run(stacked, stacked[0])
 
 
