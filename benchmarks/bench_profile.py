@@ -22,7 +22,11 @@ totals as projected.
 
 Usage:
     python -m benchmarks profile [--models mlp_bn,lenet5_bn] [--formats onnx,pt2]
-        [--samples 10000] [--threads N] [--naive-budget S] [--quick] [--out FILE]
+        [--samples 10000] [--threads N] [--naive-budget S] [--quick] [--resume] [--out FILE]
+    python -m benchmarks profile --render [--out FILE]   # rewrite the tables of a result
+
+Times are wall-clock times of this process on a possibly shared machine. Each result records
+the load average, and CPU times beside the wall times of the two profiles.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ COMPARED_REPEATS = 2
 CHECK_REPEATS = 10
 CHECK_ACCELERATOR = "additive-generic"
 SEARCH_SECONDS = 20.0
+# The naive curves are fitted as the engine fits by default; the other space is a diagnostic.
+FIT_SPACE = ProfileSettings().fit_space
+OTHER_SPACE = "linear" if FIT_SPACE == "log" else "log"
 MATMUL_SIZE = 2048
 MATMUL_ROUNDS = 5
 QUICK_SAMPLES = 2000
@@ -262,7 +269,7 @@ def naive_site(model: Model, data: Dataset, index: int, clean: int, chance: floa
         accuracies = np.asarray(counts) / samples
         stderr = float(accuracies.std(ddof=1) / math.sqrt(len(accuracies)))
         points.append(CurvePoint(sigma, float(accuracies.mean()), stderr, samples, NAIVE_REPEATS))
-    fit = fit_curve(points, chance=chance, space="linear")
+    fit = fit_curve(points, chance=chance, space=FIT_SPACE)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -273,8 +280,8 @@ def naive_site(model: Model, data: Dataset, index: int, clean: int, chance: floa
             for point in points
         ],
         "fit": fit.to_dict(),
-        # Not timed: the same points fitted in log10 σ, to tell fit effects from measurement effects.
-        "fit_log": fit_curve(points, chance=chance, space="log").to_dict(),
+        # Not timed: the same points fitted in the other space, to tell fit effects from measurement effects.
+        "fit_other": fit_curve(points, chance=chance, space=OTHER_SPACE).to_dict(),
     }
 
 
@@ -333,7 +340,7 @@ def compare_trials(naive: dict[str, Any], settings: BenchSettings) -> dict[str, 
 # ------------------------------------------------------------------------ agreement of µ
 
 
-def agreement(engine_record: dict[str, Any], naive: dict[str, Any], space: str = "linear") -> list[dict[str, Any]]:
+def agreement(engine_record: dict[str, Any], naive: dict[str, Any], space: str = FIT_SPACE) -> list[dict[str, Any]]:
     """Compare each naive site's fit with the engine's.
 
     Rule: sites whose fit failed or is robust in either profile agree when their statuses are
@@ -341,7 +348,7 @@ def agreement(engine_record: dict[str, Any], naive: dict[str, Any], space: str =
     when |µ1 − µ2| ≤ e1 + e2, with e the standard error of µ from each fit (for a fallback,
     the half-width of the bracketing interval). z = |µ1 − µ2| / √(e1² + e2²) is reported too.
 
-    With `space="log"`, both curves are fitted again in log10 σ: the engine's from the
+    With `space=OTHER_SPACE`, both curves are fitted again in that space: the engine's from the
     full-data points in its record (as the engine fits them), the naive one from its points.
     """
     rows = []
@@ -349,21 +356,21 @@ def agreement(engine_record: dict[str, Any], naive: dict[str, Any], space: str =
     for index, site in sorted(naive["sites"].items()):
         ours = engine_record["sites"][index]["walking"]["fit"]
         theirs = site["fit"]
-        if space == "log":
+        if space == OTHER_SPACE:
             points = [
                 CurvePoint(point["sigma"], point["accuracy"], point["stderr"], point["samples"], point["repeats"])
                 for point in engine_record["sites"][index]["walking"]["points"]
                 if point["reason"] != "screen"
             ]
-            ours = fit_curve(points, chance=chance, space="log").to_dict()
-            theirs = site["fit_log"]
+            ours = fit_curve(points, chance=chance, space=OTHER_SPACE).to_dict()
+            theirs = site["fit_other"]
         row = {
             "site": index,
             "name": engine_record["sites"][index]["name"],
             "engine": _fit_summary(ours),
             "naive": _fit_summary(theirs),
         }
-        if space == "linear":
+        if space == FIT_SPACE:
             # The measured points of both ways, so that other fits can be tried offline.
             row["engine_points"] = engine_record["sites"][index]["walking"]["points"]
             row["naive_points"] = site["points"]
@@ -491,7 +498,7 @@ def run_check(engine_record: dict[str, Any], graph: GraphFlops, settings: BenchS
 # ------------------------------------------------------------------------------ one case
 
 
-def run_case(name: str, model_format: str, settings: BenchSettings, matmul: float) -> dict[str, Any]:
+def run_case(name: str, model_format: str, settings: BenchSettings) -> dict[str, Any]:
     """Measure one model in one format: engine, naive, same trials, counts, FLOPs and check."""
     path = MODELS_FOLDER / f"{name}.{model_format}"
     logger.info("%s: engine profile", path.name)
@@ -517,7 +524,7 @@ def run_case(name: str, model_format: str, settings: BenchSettings, matmul: floa
     complete = not naive["projected_sites"]
     naive_seconds = naive["seconds"] if complete else naive["projected_seconds"]
     rows = agreement(record, naive)
-    rows_log = agreement(record, naive, space="log")
+    rows_other = agreement(record, naive, space=OTHER_SPACE)
     return {
         "model": name,
         "format": model_format,
@@ -546,11 +553,12 @@ def run_case(name: str, model_format: str, settings: BenchSettings, matmul: floa
             "sites_agreeing": sum(row["agree"] for row in rows),
             "sites": rows,
         },
-        "agreement_log": {
-            "rule": "the same rule, with both curves fitted again in log10 σ (a diagnostic, not the engine's default)",
-            "sites_compared": len(rows_log),
-            "sites_agreeing": sum(row["agree"] for row in rows_log),
-            "sites": rows_log,
+        "agreement_other": {
+            "rule": f"the same rule, with both curves fitted again in {OTHER_SPACE} σ (a diagnostic)",
+            "space": OTHER_SPACE,
+            "sites_compared": len(rows_other),
+            "sites_agreeing": sum(row["agree"] for row in rows_other),
+            "sites": rows_other,
         },
         "same_trials": same,
         "trials": {
@@ -566,22 +574,15 @@ def run_case(name: str, model_format: str, settings: BenchSettings, matmul: floa
             "graph": graph.to_dict(),
             "engine": engine_work,
             "engine_per_second": engine_work / engine["seconds"],
-            "engine_share_of_matmul": engine_work / engine["seconds"] / matmul,
-            # Per CPU-second of this process (all its threads), set against the matmul rate per
-            # thread: on a shared machine this tells slow code from a small share of the cores.
             "engine_per_cpu_second": engine_work / engine["cpu_seconds"],
-            "engine_cpu_share_of_matmul": engine_work / engine["cpu_seconds"] / (matmul / settings.threads),
             "engine_noise_draw_share": engine["noise_draw_seconds"] / engine["seconds"],
             "engine_noise_apply_share": engine["noise_apply_seconds"] / engine["seconds"],
             "naive": naive_work,
             "naive_per_second": naive_work / naive["seconds"],
-            "naive_share_of_matmul": naive_work / naive["seconds"] / matmul,
             "naive_per_cpu_second": naive_work / naive["cpu_seconds"],
-            "naive_cpu_share_of_matmul": naive_work / naive["cpu_seconds"] / (matmul / settings.threads),
             "naive_noise_draw_share": sum(site["noise_draw_seconds"] for site in naive["sites"].values())
             / naive["seconds"],
             "check": checked,
-            "check_share_of_matmul": checked["flops_per_second"] / matmul,
         },
     }
 
@@ -598,15 +599,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"Machine: {result['machine']['cpus']} cores ({result['machine']['processor']}),",
             f"{result['threads']} threads, {result['samples']} samples,",
             f"load average {result['machine']['load_average_1min']:.1f} at the start.",
-            f"Matmul {MATMUL_SIZE}² float32: torch {matmul['torch_mm'] / 1e9:.1f} GFLOP/s,",
+            f"Matmul {MATMUL_SIZE}² float32 at the start: torch {matmul['torch_mm'] / 1e9:.1f} GFLOP/s,",
             f"numpy {matmul['numpy_matmul'] / 1e9:.1f} GFLOP/s (best of {MATMUL_ROUNDS}).",
+            "Best matmul rate in the run, the reference of every % below:",
+            f"{result['matmul_reference'] / 1e9:.1f} GFLOP/s.",
         ]
     )
     lines = [machine_line, ""]
 
     lines += _table(
-        ["model", "format", "sites", "engine (s)", "naive (s)", "naive / engine", "µ agree", "µ agree, log-σ refit",
-         "trials engine / naive", "fewer trials (full-data)"],
+        ["model", "format", "sites", "engine (s)", "naive (s)", "naive / engine", "µ agree",
+         f"µ agree, {OTHER_SPACE}-σ refit", "trials engine / naive", "fewer trials (full-data)"],
         [_time_row(case) for case in cases],
     )
     lines += _table(
@@ -643,7 +646,7 @@ def _time_row(case: dict[str, Any]) -> list[str]:
         f"{naive_seconds:.1f}{mark}",
         f"{timing['ratio']:.1f}×{mark}",
         f"{case['agreement']['sites_agreeing']}/{case['agreement']['sites_compared']}",
-        f"{case['agreement_log']['sites_agreeing']}/{case['agreement_log']['sites_compared']}",
+        f"{case['agreement_other']['sites_agreeing']}/{case['agreement_other']['sites_compared']}",
         f"{trials['engine']} / {trials['naive']}",
         f"{trials['ratio']:.1f}× ({trials['ratio_full_data']:.1f}×)",
     ]
@@ -677,7 +680,7 @@ def site_tables(cases: Sequence[dict[str, Any]]) -> list[str]:
     for case in cases:
         lines += [f"{case['model']}.{case['format']}: µ ± standard error (status)", ""]
         rows = []
-        for row, row_log in zip(case["agreement"]["sites"], case["agreement_log"]["sites"], strict=True):
+        for row, row_other in zip(case["agreement"]["sites"], case["agreement_other"]["sites"], strict=True):
             rows.append(
                 [
                     str(row["site"]),
@@ -686,10 +689,10 @@ def site_tables(cases: Sequence[dict[str, Any]]) -> list[str]:
                     _show_fit(row["naive"]),
                     "yes" if row["agree"] else "NO",
                     "" if row.get("z") is None else f"{row['z']:.2f}",
-                    "yes" if row_log["agree"] else "NO",
+                    "yes" if row_other["agree"] else "NO",
                 ]
             )
-        lines += _table(["site", "name", "engine", "naive", "agree", "z", "agree, log-σ refit"], rows)
+        lines += _table(["site", "name", "engine", "naive", "agree", "z", f"agree, {OTHER_SPACE}-σ refit"], rows)
     return lines
 
 
@@ -718,6 +721,7 @@ def machine() -> dict[str, Any]:
 
 def write_result(result: dict[str, Any], out: Path) -> None:
     """Write the JSON result and its markdown tables next to it, each atomically."""
+    set_matmul_shares(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     texts = {out: json.dumps(result, indent=2, sort_keys=True) + "\n", out.with_suffix(".md"): markdown(result)}
     for path, text in texts.items():
@@ -745,7 +749,7 @@ def run_benchmark(settings: BenchSettings, out: Path, resume: bool) -> dict[str,
         "cases": done,
         "complete": False,
     }
-    matmul = result["matmul"]["torch_mm"]
+    result["matmul_after_cases"] = []
 
     finished = {(case["model"], case["format"]) for case in done}
     for name in settings.models:
@@ -753,18 +757,41 @@ def run_benchmark(settings: BenchSettings, out: Path, resume: bool) -> dict[str,
             if (name, model_format) in finished:
                 logger.info("%s.%s: kept from %s", name, model_format, out)
                 continue
-            result["cases"].append(run_case(name, model_format, settings, matmul))
+            result["cases"].append(run_case(name, model_format, settings))
+            result["matmul_after_cases"].append(matmul_throughput(settings.threads))
             write_result(result, out)
 
-    after = matmul_throughput(settings.threads)
-    result["matmul_after"] = after
     result["load_average_1min_after"] = os.getloadavg()[0]
     result["complete"] = True
     write_result(result, out)
     return result
 
 
-def parse_arguments(argv: Sequence[str] | None) -> tuple[BenchSettings, Path, bool]:
+def set_matmul_shares(result: dict[str, Any]) -> None:
+    """Set each case's FLOP rates as shares of the best matmul rate measured in the run.
+
+    The matmul is timed at the start and after each case, and the best of all of them is the
+    reference. On a shared machine that best rate is the one closest to the machine's limit.
+    Rates per CPU-second are set against the reference per thread, which tells slow code
+    from a small share of the cores.
+    """
+    measured = [result["matmul"], *result.get("matmul_after_cases", [])]
+    if "matmul_after" in result:
+        measured.append(result["matmul_after"])
+    reference = max(max(item["torch_mm"], item["numpy_matmul"]) for item in measured)
+    result["matmul_reference"] = reference
+    per_thread = reference / result["threads"]
+    for case in result["cases"]:
+        flops = case["flops"]
+        flops["engine_share_of_matmul"] = flops["engine_per_second"] / reference
+        flops["naive_share_of_matmul"] = flops["naive_per_second"] / reference
+        flops["check_share_of_matmul"] = flops["check"]["flops_per_second"] / reference
+        if "engine_per_cpu_second" in flops:
+            flops["engine_cpu_share_of_matmul"] = flops["engine_per_cpu_second"] / per_thread
+            flops["naive_cpu_share_of_matmul"] = flops["naive_per_cpu_second"] / per_thread
+
+
+def parse_arguments(argv: Sequence[str] | None) -> tuple[BenchSettings, Path, bool, bool]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks profile", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--models", default="mlp_bn,lenet5_bn", help="Comma-separated example models (from examples/models)."
@@ -789,6 +816,10 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[BenchSettings, Path, bo
     )
     parser.add_argument("--seed", type=int, default=0, help="Base seed of the noise of both ways.")
     parser.add_argument(
+        "--render", action="store_true",
+        help="Measure nothing: rewrite the markdown tables (and shares) of the existing --out file.",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile.json",
         help="JSON result file; the markdown tables go next to it (same name, .md).",
     )
@@ -810,14 +841,20 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[BenchSettings, Path, bo
         parser.error(f"invalid --samples {samples}: expected at least 100")
     threads = arguments.threads or runtime.default_threads()
     settings = BenchSettings(models, formats, samples, threads, budget, arguments.seed)
-    return settings, arguments.out, arguments.resume
+    return settings, arguments.out, arguments.resume, arguments.render
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark from the command line and print its tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings, out, resume = parse_arguments(argv)
-    result = run_benchmark(settings, out, resume)
+    settings, out, resume, render = parse_arguments(argv)
+    if render:
+        if not out.is_file():
+            raise SystemExit(f"--render: result file {out} not found; run the benchmark first or pass --out FILE")
+        result = json.loads(out.read_text())
+        write_result(result, out)
+    else:
+        result = run_benchmark(settings, out, resume)
     print(markdown(result))
 
 

@@ -19,8 +19,9 @@ one-by-one ÷ vectorized. The largest accuracy difference between the two modes 
 as a check.
 
 Usage:
-    python benchmarks/bench_train.py [--train-samples 10000] [--eval-samples 10000] [--repeats 2]
-                                     [--threads 1] [--profile] [--out benchmarks/results]
+    python benchmarks/bench_train.py [--models mlp_bn,lenet5_bn] [--train-samples 10000]
+        [--eval-samples 10000] [--repeats 2] [--threads 1] [--sigmas 0.1,0.3,1.0,3.0] [--seeds 2]
+        [--profile] [--out benchmarks/results]
 
 Writes train.json and train.md to --out and prints the table. `--profile` adds the top
 operators of one vectorized and one one-by-one run of each model (torch.profiler) to the JSON.
@@ -70,12 +71,12 @@ def timed(function: Callable[[], Any]) -> tuple[Any, Timing]:
     return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def configurations(site: int) -> list[TrainingConfig]:
+def configurations(site: int, sigmas: tuple[float, ...] = SIGMAS, seeds: int = SEEDS) -> list[TrainingConfig]:
     """Return σ × seed configurations with additive noise at one site (seeds derived from seed 0)."""
     configs = []
-    for repeat in range(SEEDS):
+    for repeat in range(seeds):
         training_seed = derive_seed(BENCHMARK_SEED, {"repeat": repeat, "site": site})
-        for sigma in SIGMAS:
+        for sigma in sigmas:
             noise_seed = derive_seed(BENCHMARK_SEED, {"repeat": repeat, "site": site, "sigma": sigma})
             configs.append(TrainingConfig(((site, SiteNoise(sigma_add=sigma)),), training_seed, noise_seed))
     return configs
@@ -113,7 +114,8 @@ def profile_mode(twin, configs, train_data, vectorize: bool) -> list[dict[str, A
 
 
 def measure_model(
-    name: str, train_samples: int, eval_samples: int, repeats: int, profile: bool, report
+    name: str, train_samples: int, eval_samples: int, repeats: int, profile: bool, report,
+    sigmas: tuple[float, ...] = SIGMAS, seeds: int = SEEDS,
 ) -> dict[str, Any]:
     file_name, site_name = MODELS[name]
     model = load_model(MODELS_DIR / file_name)
@@ -121,7 +123,7 @@ def measure_model(
     twin = build_twin(model)
     train_data = load_data("fashion-mnist:train", (0.5, 0.5), limit=train_samples)
     eval_data = load_data("fashion-mnist:test", (0.5, 0.5), limit=eval_samples)
-    configs = configurations(site)
+    configs = configurations(site, sigmas, seeds)
 
     runs: dict[str, list[dict[str, Any]]] = {"vectorized": [], "one_by_one": []}
     for repeat in range(repeats):
@@ -216,19 +218,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each mode; the fastest counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared machine)")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per model and mode")
+    parser.add_argument("--sigmas", default=",".join(str(sigma) for sigma in SIGMAS),
+                        help="comma-separated absolute σ values of the configurations")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="training seeds per σ")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     arguments = parser.parse_args(argv)
 
     torch.set_num_threads(arguments.threads)
     started = machine(arguments.threads)
     sizes = (arguments.train_samples, arguments.eval_samples, arguments.repeats)
-    results = [measure_model(name, *sizes, arguments.profile, print) for name in arguments.models.split(",")]
+    sigmas = tuple(float(value) for value in arguments.sigmas.split(","))
+    results = [
+        measure_model(name, *sizes, arguments.profile, print, sigmas, arguments.seeds)
+        for name in arguments.models.split(",")
+    ]
     table = markdown_table(results)
     record = {
         "benchmark": "vectorized noise-aware training versus one by one",
         "machine": started,
         "load_average_after": list(os.getloadavg()),
-        "noise": {"kind": "additive", "sigmas": list(SIGMAS), "seeds": SEEDS},
+        "noise": {"kind": "additive", "sigmas": list(sigmas), "seeds": arguments.seeds},
         "train_samples": arguments.train_samples,
         "eval_samples": arguments.eval_samples,
         "repeats": arguments.repeats,
