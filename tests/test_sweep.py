@@ -26,6 +26,7 @@ from wnplan.noise import NoiseSpec, site_noise
 from wnplan.profiler import Execution, ProfileSettings, profile
 from wnplan.store import Store, TrialResult, trial_key
 from wnplan.sweep import Curve, SweepContext, Trial, run_sweep
+from wnplan.train.trainer import TrainingSettings
 
 LIMIT = 100
 GRID = (0.1, 1.0, 3.0)
@@ -331,3 +332,34 @@ def test_target_error_ignores_misfit_part_of_error():
     assert fit.error_scale > 2.0
     assert fit.statistical_error <= 0.01 * fit.midpoint < fit.midpoint_error
     assert trials < 100  # the misfit-scaled error would have added repeats up to the cap
+
+
+# --- trained mode ---
+
+TRAINED_SETTINGS = ProfileSettings(
+    scope="walking", sites="0-1", mode="trained", repeats=2, sigmas=(0.3, 3.0), seed=0,
+    training=TrainingSettings(epochs=1, batch_size=32, train_limit=256),
+)
+TRAINED_TRIALS = 2 * 2 * 2  # 2 sites × 2 σ × 2 repeats
+
+
+def test_trained_profile_resumes_at_trial_level(digits_mlp, tmp_path, caplog):
+    reference = _run(digits_mlp.onnx, tmp_path / "reference.sqlite", TRAINED_SETTINGS)
+    store = tmp_path / "store.sqlite"
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(digits_mlp.onnx, store, TRAINED_SETTINGS, progress=Interrupt(1))
+    kept = _stored_rows(store)
+    assert 0 < len(kept) < TRAINED_TRIALS  # the first site's trials were stored, not the second's
+
+    with caplog.at_level(logging.INFO, logger="wnplan.profiler"):
+        resumed = _run(digits_mlp.onnx, store, TRAINED_SETTINGS)
+
+    assert _done_counts(caplog) == (TRAINED_TRIALS, TRAINED_TRIALS - len(kept), len(kept))
+    assert set(kept) <= set(_stored_rows(store))  # finished trials were neither recomputed nor rewritten
+    for ours, theirs in zip(resumed["sites"], reference["sites"], strict=True):
+        if ours.get("walking") is None:
+            continue
+        assert [point["accuracy"] for point in ours["walking"]["points"]] == [
+            point["accuracy"] for point in theirs["walking"]["points"]
+        ]
