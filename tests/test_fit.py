@@ -208,6 +208,16 @@ def test_fit_result_error_scale_round_trip_and_validation():
         FitResult.from_dict({**record, "error_scale": 0.5})
 
 
+def test_fit_curve_two_separate_points_are_no_plateau():
+    # 0.62 and 0.39 on 100 samples differ by 4.2 combined standard errors: a fall, not a shelf.
+    points = [CurvePoint(0.0, 0.9, 0.0, 100, 1), CurvePoint(1.0, 0.62, 0.0, 100, 1), CurvePoint(2.0, 0.39, 0.0, 100, 1)]
+    result = fit_curve(points, CHANCE, "log")
+
+    assert result.status != "sensitive"
+    assert result.a_min == CHANCE
+    assert 1.0 < result.midpoint < 2.0
+
+
 # --- curves without a fitted midpoint ---
 
 

@@ -65,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
+from scipy import stats
 from scipy.optimize import OptimizeWarning, brentq, curve_fit
 from scipy.special import expit
 
@@ -77,6 +78,7 @@ METHODS = ("logistic", "logistic-free-min", "two-logistic", "interpolated", "non
 SPACES = ("linear", "log")
 
 _SIGNIFICANCE = 3.0  # standard errors for a difference to count
+_CONSISTENT_PROBABILITY = float(stats.norm.cdf(_SIGNIFICANCE) - stats.norm.cdf(-_SIGNIFICANCE))
 _MIN_PLATEAU_LOSS = 0.25  # fraction of (a_max − chance) a plateau must lose to be a step
 _MIN_STEP_SHARE = 0.2  # fraction of the drop that each of two steps must carry
 _MAX_RISE = 0.1  # fraction of the drop above which a rise makes the curve non-monotone
@@ -378,8 +380,16 @@ def _plateau_level(curve: _Curve, chance: float, a_max: float) -> float | None:
 
 
 def _consistent(y: np.ndarray, e: np.ndarray) -> bool:
+    """Return whether the points agree with one common level, at the 3-standard-error level.
+
+    The test is χ² of the points around their weighted mean against the χ² quantile with the
+    same tail probability as 3 standard errors. Two points agree when they differ by at most 3
+    combined standard errors; testing each point against the mean alone would let points
+    4 combined errors apart pass, because the mean sits between them.
+    """
     mean = np.average(y, weights=e**-2)
-    return bool(np.all(np.abs(y - mean) <= _SIGNIFICANCE * e))
+    chi2 = float(np.sum(((y - mean) / e) ** 2))
+    return chi2 <= float(stats.chi2.ppf(_CONSISTENT_PROBABILITY, len(y) - 1))
 
 
 def _unfittable_reason(
