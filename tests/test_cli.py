@@ -8,6 +8,7 @@ allocate and check through their default file names in a temporary working direc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from conftest import read_json, write_npz
 
 from wnplan import __version__
 from wnplan.cli import main
+from wnplan.data import load_data
 
 # A small, fixed grid keeps every profile run short: 4 σ values × 2 repeats per curve.
 PROFILE_OPTIONS = ["--data", "digits", "--limit", "50", "--sigmas", "0.1,1,3,10", "--repeats", "2"]
@@ -433,3 +435,87 @@ def test_cli_output_files_follow_umask(capsys, workdir, digits_mlp):
 
     assert code == 0, err
     assert (workdir / "out.json").stat().st_mode & 0o777 == 0o644
+
+
+# --- output paths, threads and trained-mode input ---
+
+
+@pytest.mark.parametrize("out", ["", "folder"])
+def test_cli_profile_rejects_unwritable_out(capsys, workdir, digits_mlp, out):
+    (workdir / "folder").mkdir()
+
+    result = run_cli(capsys, "profile", digits_mlp.onnx, *PROFILE_OPTIONS, "--out", out, "--store", "none")
+
+    assert_usage_error(result, "invalid --out")
+    assert sorted(path.name for path in workdir.iterdir()) == ["folder"]  # nothing written, no store
+
+
+def test_cli_allocate_rejects_folder_out(capsys, workdir, profile_file):
+    (workdir / "plans").mkdir()
+
+    result = run_cli(capsys, "allocate", profile_file, "--budget", "20", "--out", workdir / "plans")
+
+    assert_usage_error(result, "invalid --out", "it is a folder")
+
+
+def test_cli_profile_rejects_absurd_threads(capsys, workdir, digits_mlp):
+    result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--threads", "100000")
+
+    assert_usage_error(result, "invalid --threads 100000")
+
+
+def test_cli_profile_checks_training_options_in_inference_mode(capsys, workdir, digits_mlp):
+    result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--epochs", "0")
+
+    assert_usage_error(result, "invalid --epochs 0")
+
+
+def _trained(capsys, workdir, model, train_data):
+    return _profile(
+        capsys, model, workdir / "out.json", "--mode", "trained", "--scope", "walking", "--sites", "0",
+        "--train-data", train_data, "--train-limit", "64", "--store", "none",
+    )
+
+
+def test_cli_trained_rejects_training_samples_of_other_shape(capsys, workdir, digits_mlp):
+    data = workdir / "wide.npz"
+    np.savez(data, x=np.zeros((64, 10), np.float32), y=np.zeros(64, np.int64))
+
+    result = _trained(capsys, workdir, digits_mlp.onnx, data)
+
+    assert_usage_error(result, "training samples", "(10,)", "--train-data")
+    assert not (workdir / "out.json").exists()
+
+
+def test_cli_trained_rejects_labels_beyond_classes(capsys, workdir, digits_mlp):
+    data = workdir / "labels.npz"
+    digits = load_data("digits:train", limit=64)
+    np.savez(data, x=digits.x, y=np.full(64, 12, np.int64))
+
+    result = _trained(capsys, workdir, digits_mlp.onnx, data)
+
+    assert_usage_error(result, "training labels", "12", "10 classes")
+    assert not (workdir / "out.json").exists()
+
+
+def test_cli_trained_dry_run_gives_no_time(capsys, workdir, digits_mlp):
+    code, out, _ = _profile(
+        capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--scope", "walking", "--sites", "0",
+        "--dry-run",
+    )
+
+    assert code == 0
+    assert "leaves out" in out
+    assert "estimated time" not in out
+
+
+def test_cli_trained_warns_when_training_diverges(capsys, caplog, workdir, digits_mlp):
+    with caplog.at_level(logging.WARNING, logger="wnplan"):
+        code, _, _ = _profile(
+            capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--scope", "walking", "--sites", "0",
+            "--sigmas", "0.1", "--repeats", "1", "--train-limit", "64", "--lr", "1e300",
+        )
+
+    assert code == 0
+    assert "without noise" in caplog.text
+    assert "lower --lr" in caplog.text

@@ -29,6 +29,9 @@ from wnplan.store import DEFAULT_STORE
 
 logger = logging.getLogger("wnplan")
 
+# More threads than this is a typo rather than a machine; onnxruntime fails to start with 100,000.
+MAX_THREADS = 1024
+
 stdout = Console()
 stderr = Console(stderr=True)
 
@@ -192,7 +195,8 @@ def profile(
     target_error: Annotated[
         float,
         typer.Option(
-            help="Adaptive grid: add repeats near µ until its standard error is below this fraction of µ; 0 turns it off."
+            help="Adaptive grid: add repeats near µ until its sampling error (the standard error without the fit's "
+            + "misfit factor) is below this fraction of µ; 0 turns it off."
         ),
     ] = 0.05,
     max_trials: Annotated[int, typer.Option(help="The most trials one curve (site or global) may run.")] = 200,
@@ -247,6 +251,7 @@ def profile(
     from wnplan.profiler import profile as run_profile
 
     _set_threads(threads)
+    records.check_output_path(out)
     # Check the name first, so that an unknown name is reported as unknown, not as trained mode's cpu-only rule.
     runtime.check_device(device)
     spec = NoiseSpec(noise, order, mix_ratio, relative or "absolute")
@@ -273,8 +278,16 @@ def profile(
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
         trials, exact = count_trials(loaded, settings)
-        seconds = _estimate_seconds(loaded, dataset) * trials
         approx = "" if exact else "about "
+        if settings.mode != "inference":
+            # NOTE: one forward pass per trial says nothing about training time, so none is estimated.
+            training = settings.training
+            stdout.print(
+                f"{approx}{trials} trials on {len(dataset)} samples; each trained model trains {training.epochs} "
+                + "epoch(s) first, which this estimate leaves out, so no time is given"
+            )
+            return
+        seconds = _estimate_seconds(loaded, dataset) * trials
         stdout.print(f"{approx}{trials} trials on {len(dataset)} samples; estimated time {approx}{seconds:.0f} s")
         return
 
@@ -303,11 +316,10 @@ def profile(
 def _training_settings(
     mode, epochs, lr, batch_size, optimizer, schedule, from_scratch, clamp_weights, grad, train_limit, device
 ):
-    if mode == "inference":
-        return None
     from wnplan.train.trainer import TrainingSettings
 
-    return TrainingSettings(
+    # Built in every mode, so that a bad training option is reported even where it is unused.
+    settings = TrainingSettings(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -317,8 +329,9 @@ def _training_settings(
         clamp_weights=clamp_weights,
         grad=grad,
         train_limit=train_limit,
-        device=device,
+        device=device if mode != "inference" else "cpu",
     )
+    return None if mode == "inference" else settings
 
 
 def _estimate_seconds(loaded, dataset) -> float:
@@ -337,7 +350,8 @@ def _print_profile(record: dict) -> None:
         title=f"{record['model']['path']}: clean accuracy {clean['accuracy']:.4f} on {clean['samples']} samples"
     )
     both = record["settings"]["mode"] == "both"
-    columns = ["site", "name", "op", "µ", "± error", "status"]
+    main = "trained µ" if record["settings"]["mode"] == "trained" else "µ"
+    columns = ["site", "name", "op", main, "± error", "status"]
     if both:
         columns += ["trained µ", "± error ", "trained status"]
     for column in columns:
@@ -433,6 +447,7 @@ def allocate(
     from wnplan.plan import allocate as run_allocate
 
     _set_threads(threads)
+    records.check_output_path(out)
     profile_record = records.read_record(profile_path, "profile")
     _set_device(device, profile_record["model"]["format"])
     settings = AllocationSettings(
@@ -513,6 +528,7 @@ def check(
     from wnplan.simulate import check as run_check
 
     _set_threads(threads)
+    records.check_output_path(out)
     plan = records.read_record(plan_path, "plan")
     _set_device(device, plan["profile"]["model"]["format"])
     accelerator_profile = load_accelerator(accelerator) if accelerator else None
@@ -625,7 +641,8 @@ def _print_check(result: dict) -> None:
         else f"accelerator {settings['accelerator']['name']}"
     )
     half = " on the held-out half" if settings.get("data_half") == "odd" else ""
-    table = Table(title=f"accuracy at {where}, {settings['repeats']} draws{half}")
+    draws = "1 draw" if settings["repeats"] == 1 else f"{settings['repeats']} draws"
+    table = Table(title=f"accuracy at {where}, {draws}{half}")
     for column in ("allocation", "accuracy", "95% interval", "predicted"):
         table.add_column(column, justify="left" if column == "allocation" else "right")
     for name, entry in result["results"].items():
@@ -641,8 +658,8 @@ def _print_check(result: dict) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads is not None and threads < 1:
-        raise SettingsError(f"invalid --threads {threads}: expected at least 1")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise SettingsError(f"invalid --threads {threads}: expected 1 to {MAX_THREADS}, such as the number of cores")
     runtime.set_threads(threads)
 
 

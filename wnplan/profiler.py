@@ -284,7 +284,7 @@ def profile(
             )
             maps = []
         curves = walking + ([global_curve] if global_curve else []) + maps
-        make = _trained_evaluator(settings, dataset, normalize) if trained else None
+        make = _trained_evaluator(settings, dataset, normalize, classes) if trained else None
         if trained and (execution.workers or execution.ray):
             raise SettingsError("trained mode runs in this process; drop --workers and --ray")
         counts = _measure(
@@ -306,8 +306,13 @@ def profile(
     return record
 
 
-def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: str | None):
-    """Return a function that builds the trained-mode evaluator for a loaded model."""
+def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: str | None, classes: int):
+    """Return a function that builds the trained-mode evaluator for a loaded model.
+
+    Raises:
+        DataError: the training samples differ in shape from the evaluation samples, or their
+            labels exceed the model's classes.
+    """
     from wnplan.train.evaluator import TrainedEvaluator
     from wnplan.train.trainer import TrainingSettings
 
@@ -317,6 +322,16 @@ def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: s
     train_data = load_data(
         train_spec, tuple(preprocessing) if preprocessing else parse_normalize(normalize), training.train_limit, "train"
     )
+    if train_data.x.shape[1:] != dataset.x.shape[1:]:
+        raise DataError(
+            f"training samples {train_spec!r} have shape {tuple(train_data.x.shape[1:])}, but the evaluation "
+            + f"samples and the model have {tuple(dataset.x.shape[1:])}; pass --train-data of that shape"
+        )
+    if int(train_data.y.max()) >= classes or int(train_data.y.min()) < 0:
+        raise DataError(
+            f"training labels of {train_spec!r} range from {int(train_data.y.min())} to {int(train_data.y.max())}, "
+            + f"but the model outputs {classes} classes (labels 0 to {classes - 1}); pass matching --train-data"
+        )
 
     def make(model: Model, scales, seed_of) -> TrainedEvaluator:
         return TrainedEvaluator(model, train_data, dataset, settings.noise, scales, seed_of, training)

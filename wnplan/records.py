@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from wnplan.errors import FileFormatError
+from wnplan.errors import FileFormatError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,46 @@ def record_sha256(record: dict[str, Any]) -> str:
     return hashlib.sha256(dumps(record).encode()).hexdigest()
 
 
-def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
-    """Validate a record and write it atomically; return the path written."""
-    validate(record, kind)
+def check_output_path(path: str | Path, option: str = "--out") -> Path:
+    """Return the path if a file can be written there, else raise SettingsError.
+
+    Commands call this before their work, so that a bad path fails at once and not after
+    minutes of computing. Missing folders are fine when the nearest existing one is writable;
+    `write_record` creates them.
+    """
+    text = str(path)
+    if not text.strip():
+        raise SettingsError(f"invalid {option} {text!r}: expected a file path such as result.json")
     path = Path(path)
-    text = dumps(record)
+    if path.is_dir():
+        raise SettingsError(
+            f"invalid {option} {text!r}: it is a folder; name a file inside it, such as {text}/result.json"
+        )
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SettingsError(
+            f"invalid {option} {text!r}: cannot write into {str(ancestor)!r}; choose a path in a writable folder"
+        )
+    return path
+
+
+def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
+    """Validate a record and write it atomically; return the path written.
+
+    Raises:
+        SettingsError: the file or its folder cannot be written (one line, with the OS reason).
+    """
+    validate(record, kind)
+    path = check_output_path(path)
+    try:
+        return _write_text(dumps(record), kind, path)
+    except OSError as error:
+        raise SettingsError(f"cannot write {str(path)!r}: {error.strerror or error}; choose another --out") from None
+
+
+def _write_text(text: str, kind: str, path: Path) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -131,6 +132,8 @@ class TrainedEvaluator:
         seconds = (time.perf_counter() - started) / len(trials)
 
         total = len(data)
+        chance = 1.0 / max(2, len(np.unique(data.y)))
+        _warn_diverged(trials, trained.final_loss, [count / total for count in clean], chance, self.settings.lr)
         for position, (trial, config) in enumerate(zip(trials, configs, strict=True)):
             extra = {
                 "mode": "trained",
@@ -186,6 +189,29 @@ class TrainedEvaluator:
         weights = {name: tensors[name][position].numpy() for name in names}
         labels = {name: twin.roles[name].label for name in weights}
         return records.mean_absolute_weights(weights, labels)
+
+
+_DIVERGED_MESSAGE = (
+    "the model trained at site %s, σ=%g, repeat %d scores %.3f without noise (chance %.3f, final loss %s): "
+    + "its training diverged or the noise destroyed it. If σ is small, lower --lr (now %g)"
+)
+# A trained model within this factor of chance accuracy, without noise, gets a warning.
+_NEAR_CHANCE = 1.2
+
+
+def _warn_diverged(
+    trials: Sequence[Trial], losses: Sequence[float], clean: Sequence[float], chance: float, lr: float
+) -> None:
+    """Log a warning for trained models whose loss is not finite or that score near chance clean.
+
+    Such a model scores near chance with or without noise, which the curve would otherwise
+    show as a site that cannot take any noise.
+    """
+    for trial, loss, accuracy in zip(trials, losses, clean, strict=True):
+        if not math.isfinite(loss) or accuracy <= _NEAR_CHANCE * chance:
+            logger.warning(
+                _DIVERGED_MESSAGE, ",".join(trial.site_names), trial.sigma, trial.repeat, accuracy, chance, loss, lr
+            )
 
 
 def _at_zero_sigma(trial: Trial) -> Trial:
