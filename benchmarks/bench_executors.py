@@ -236,7 +236,7 @@ def run_benchmark(limit: int, repeats: int, workers: int, report: Callable[[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks executors", description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=5000, help="Evaluation samples (first N of the test set).")
     parser.add_argument("--repeats", type=int, default=3, help="Noise draws per σ.")
     parser.add_argument("--workers", type=int, default=2, help="Workers of the parallel configurations.")

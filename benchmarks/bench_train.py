@@ -211,7 +211,7 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks train", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--train-samples", type=int, default=10000, help="Fashion-MNIST training images")
     parser.add_argument("--eval-samples", type=int, default=10000, help="Fashion-MNIST test images")
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sigmas", default=",".join(str(sigma) for sigma in SIGMAS),
                         help="comma-separated absolute σ values of the configurations")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="training seeds per σ")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for train.json and train.md (default: benchmarks/results)")
     arguments = parser.parse_args(argv)
 
     torch.set_num_threads(arguments.threads)

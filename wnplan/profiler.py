@@ -397,6 +397,12 @@ class Execution:
     factory: str | None = None
     trust: bool = False
 
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise SettingsError(
+                f"invalid --workers {self.workers}: expected 0 (run in this process) or a number of workers"
+            )
+
 
 def _trained_identity(settings: ProfileSettings, make_trained) -> str:
     """Return the mode part of trained trial identities: the training settings and data count."""
@@ -536,7 +542,8 @@ def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
         maps = build_maps(model, settings)
         return len(maps) * len(maps[0].sigmas_mul) * len(maps[0].sigmas_add) * settings.repeats, True
     walking, global_curve = build_curves(model, settings, (1, 1), 2)
-    curves = len(walking) + (1 if global_curve else 0)
+    # With mode "both" every curve is measured twice: inference-only, then trained.
+    curves = (len(walking) + (1 if global_curve else 0)) * (2 if settings.mode == "both" else 1)
     if settings.sigmas:
         return curves * len(set(settings.sigmas)) * settings.repeats, True
     typical_points = 6 + 10  # coarse decades + refinement where the curve falls
