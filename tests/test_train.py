@@ -29,6 +29,7 @@ from wnplan.noise import NoiseSpec, SiteNoise, derive_seed
 from wnplan.sweep import Trial
 from wnplan.train import TrainedEvaluator, TrainingConfig, TrainingSettings, build_twin, records, train
 from wnplan.train.layers import inject_noise, inject_noise_forward_only
+from wnplan.train.measure import evaluate_noisy
 from wnplan.train.trainer import chunk_size, initial_tensors, make_optimizer, stacks_configurations
 from wnplan.train.twin import Twin
 
@@ -409,6 +410,41 @@ def test_evaluator_yields_json_safe_records(bn_mlp, train_data, eval_data):
     assert results[0].extra["seeds"]["training"] == results[2].extra["seeds"]["training"]
     assert results[0].extra["seeds"]["training"] != results[1].extra["seeds"]["training"]
     assert len({result.extra["seeds"]["trial"] for result in results}) == len(results)
+
+
+def test_binarization_reference_is_noisy_accuracy(bn_mlp, train_data, eval_data):
+    # The quantized site runs with the trial's noise, so the reference is the trial's accuracy.
+    model = load_model(bn_mlp[1])
+    evaluator = TrainedEvaluator(model, train_data, eval_data, NoiseSpec("multiplicative"), {}, _seed_of,
+                                 TrainingSettings(train_limit=128))
+    trials = _trials(model, 3, [0.1, 10.0])
+
+    results = list(evaluator.run_group(trials))
+
+    for result in results:
+        test = result.extra["binarization"]
+        assert test["with_noise"] is True
+        assert test["reference_accuracy"] == result.correct / result.total
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_identity_quantizer_leaves_noisy_counts_unchanged(bn_mlp, train_data, eval_data, vectorize):
+    model = load_model(bn_mlp[1])
+    twin = build_twin(model)
+    levels = [((3, SiteNoise(sigma_mul=0.5)),), ((3, SiteNoise(sigma_mul=2.0)),)]
+    tensors = initial_tensors(twin, [TrainingConfig(level, 1, 2) for level in levels], from_scratch=False)
+    seeds = [11, 12]
+
+    plain = evaluate_noisy(twin, levels, seeds, tensors, eval_data, 64, vectorize, 0)
+    # A quantizer that returns its input must leave every count as it was.
+    quantized = evaluate_noisy(twin, levels, seeds, tensors, eval_data, 64, vectorize, 0,
+                               _keep, [torch.zeros(2), torch.zeros(2)])
+
+    assert quantized.correct == plain.correct
+
+
+def _keep(x, threshold, level):
+    return x
 
 
 def test_evaluator_is_reproducible_across_chunks(bn_mlp, train_data, eval_data):

@@ -5,7 +5,8 @@ layouts are read:
 
 - the trainer's: `weights` {layer: mean |w|}, `activations` {"clean": histogram, "noisy":
   histogram}, each histogram with `linear` and `log_abs` bins ({"edges", "counts"}), and
-  `binarization` {"clean_accuracy", "binary_accuracy", "ternary_accuracy", "self_binarized"};
+  `binarization` {"reference_accuracy", "binary_accuracy", "ternary_accuracy", "self_binarized"}
+  (records written before the test ran with noise name the reference "clean_accuracy");
 - a flat one: `weights`, `histogram` {"edges", "counts", "log_edges", "log_counts"}, and
   `binarization` {"reference", "accuracy_2_levels", "accuracy_3_levels", "binarizes"}.
 """
@@ -24,7 +25,7 @@ from wnplan.report.sources import CurveData
 
 # Trainer's binarization keys, by the flat layout's names.
 _BINARIZATION_KEYS = {
-    "reference": "clean_accuracy",
+    "reference": "reference_accuracy",
     "accuracy_2_levels": "binary_accuracy",
     "accuracy_3_levels": "ternary_accuracy",
     "binarizes": "self_binarized",
@@ -135,7 +136,10 @@ def _histograms(extras: Mapping[str, Any]) -> list[Histogram]:
 
 def _flat_binarization(test: Mapping[str, Any]) -> dict[str, Any]:
     """Return a binarization test under the flat layout's keys, whichever layout it came in."""
-    return {flat: test.get(flat, test.get(trainer)) for flat, trainer in _BINARIZATION_KEYS.items()}
+    flat = {name: test.get(name, test.get(trainer)) for name, trainer in _BINARIZATION_KEYS.items()}
+    if flat["reference"] is None:
+        flat["reference"] = test.get("clean_accuracy")
+    return flat
 
 
 def _mean(values) -> float:

@@ -128,7 +128,7 @@ class TrainedEvaluator:
             self.settings.eval_batch_size, stacks_configurations(twin, self.settings), RECORD_SAMPLES,
         )
         clean = self._accuracy_with(twin, data, configs[0].sites[0], trained.tensors, _identity, [])
-        binarization = self._binarization(twin, data, configs, trained.tensors, evaluation, clean)
+        binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation)
         seconds = (time.perf_counter() - started) / len(trials)
 
         total = len(data)
@@ -166,19 +166,29 @@ class TrainedEvaluator:
             stacks_configurations(twin, self.settings),
         )
 
-    def _binarization(self, twin, data, configs, tensors, evaluation, clean) -> list[dict[str, Any]] | None:
+    def _binarization(self, twin, data, trials, configs, tensors, evaluation) -> list[dict[str, Any]] | None:
         """Return the self-binarization test per configuration, for one walking site."""
         if evaluation.clean_values is None:
             return None
-        site = configs[0].sites[0]
         binary = [records.binary_levels(values) for values in evaluation.clean_values]
         ternary = [records.ternary_levels(values) for values in evaluation.clean_values]
-        binary_correct = self._accuracy_with(twin, data, site, tensors, quantize_two_levels, _per_config(binary))
-        ternary_correct = self._accuracy_with(twin, data, site, tensors, quantize_three_levels, _per_config(ternary))
+        # The quantized values get the trial's own noise, and the reference is the noisy
+        # accuracy: a model trained with large noise depends on it (BatchNorm statistics were
+        # learned on noisy values), so its accuracy without noise says nothing about the site.
+        seeds = [self.seed_of(trial) for trial in trials]
+        levels = [config.levels for config in configs]
+        vectorize = stacks_configurations(twin, self.settings)
+        counts = [
+            evaluate_noisy(
+                twin, levels, seeds, tensors, data, self.settings.eval_batch_size, vectorize, 0,
+                quantizer, _per_config(thresholds),
+            ).correct
+            for quantizer, thresholds in ((quantize_two_levels, binary), (quantize_three_levels, ternary))
+        ]
         total = len(data)
         return [
             records.binarization_record(
-                clean[k] / total, binary_correct[k] / total, ternary_correct[k] / total, binary[k], ternary[k]
+                evaluation.correct[k] / total, counts[0][k] / total, counts[1][k] / total, binary[k], ternary[k]
             )
             for k in range(len(configs))
         ]

@@ -110,6 +110,8 @@ def evaluate_noisy(
     batch_size: int,
     vectorize: bool,
     record_samples: int,
+    quantizer: Callable[..., torch.Tensor] | None = None,
+    quantizer_arguments: Sequence[torch.Tensor] = (),
 ) -> NoisyEvaluation:
     """Count correct predictions of K configurations with their evaluation noise.
 
@@ -124,10 +126,15 @@ def evaluate_noisy(
         vectorize: run the configurations stacked.
         record_samples: number of first samples whose site values are returned (one noisy
             site only).
+        quantizer: with one noisy site, applied to the site's value before the noise, as
+            quantizer(value, *quantizer_arguments); each argument is (K,).
     """
     sites = [index for index, _ in levels[0]]
     keep_values = len(sites) == 1 and record_samples > 0
-    runner = ConfigurationRunner(twin, sites, inject_noise, 2, tensors, vectorize, return_sites=keep_values)
+    transform, arity = inject_noise, 2
+    if quantizer is not None:
+        transform, arity = _QuantizedNoise(quantizer, len(quantizer_arguments)), 2 + len(quantizer_arguments)
+    runner = ConfigurationRunner(twin, sites, transform, arity, tensors, vectorize, return_sites=keep_values)
     batch_size = runner.batch_size(batch_size)
     correct = np.zeros(len(levels), dtype=np.int64)
     clean_parts, noisy_parts = [], []
@@ -136,7 +143,7 @@ def evaluate_noisy(
     for start in range(0, len(data), batch_size):
         x = torch.from_numpy(data.x[start : start + batch_size])
         labels = torch.from_numpy(data.y[start : start + batch_size])
-        arguments = _evaluation_noise(twin, levels, seeds, start, x.shape[0])
+        arguments = [*quantizer_arguments, *_evaluation_noise(twin, levels, seeds, start, x.shape[0])]
         outputs = runner(x, arguments)
         correct += (outputs[0].argmax(dim=-1) == labels).sum(dim=1).numpy()
         if keep_values and recorded < record_samples:
@@ -148,6 +155,19 @@ def evaluate_noisy(
     clean = np.concatenate(clean_parts, axis=1) if clean_parts else None
     noisy = np.concatenate(noisy_parts, axis=1) if noisy_parts else None
     return NoisyEvaluation([int(value) for value in correct], clean, noisy)
+
+
+class _QuantizedNoise:
+    """Quantize a site's value, then add the noise: quantizer(x, *q) · mul + add."""
+
+    def __init__(self, quantizer: Callable[..., torch.Tensor], count: int) -> None:
+        self.quantizer = quantizer
+        self.count = count
+        self.__name__ = f"noisy_{getattr(quantizer, '__name__', 'quantizer')}"
+
+    def __call__(self, x: torch.Tensor, *arguments: torch.Tensor | None) -> torch.Tensor:
+        quantized = self.quantizer(x, *arguments[: self.count])
+        return inject_noise(quantized, *arguments[self.count :])
 
 
 def _evaluation_noise(twin, levels, seeds, start: int, count: int) -> list[torch.Tensor | None]:

@@ -123,7 +123,7 @@ def ternary_levels(values: np.ndarray) -> tuple[float, float]:
 
 
 def binarization_record(
-    clean_accuracy: float,
+    reference_accuracy: float,
     binary_accuracy: float,
     ternary_accuracy: float,
     binary: tuple[float, float],
@@ -131,12 +131,13 @@ def binarization_record(
 ) -> dict[str, Any]:
     """Return the self-binarization test of one site of a trained model.
 
-    The site's clean values are quantized to 2 levels {0, high} and, separately, to the 3
-    levels {−level, 0, level}; the rest of the network runs clean. The site self-binarizes
-    when 2-level accuracy is within BINARIZATION_TOLERANCE of the unquantized clean accuracy.
+    The site's values are quantized to 2 levels {0, high} and, separately, to the 3 levels
+    {−level, 0, level}, before the trial's noise is applied to them as usual. The site
+    self-binarizes when the 2-level accuracy is within BINARIZATION_TOLERANCE of the
+    reference, the model's accuracy with the same noise and no quantization.
     """
     return {
-        "clean_accuracy": clean_accuracy,
+        "reference_accuracy": reference_accuracy,
         "binary_accuracy": binary_accuracy,
         "ternary_accuracy": ternary_accuracy,
         "binary_threshold": finite_or_none(binary[0]),
@@ -144,8 +145,9 @@ def binarization_record(
         "ternary_threshold": finite_or_none(ternary[0]),
         "ternary_level": finite_or_none(ternary[1]),
         "tolerance": BINARIZATION_TOLERANCE,
-        "self_binarized": bool(binary_accuracy >= clean_accuracy - BINARIZATION_TOLERANCE),
-        "ternary_holds": bool(ternary_accuracy >= clean_accuracy - BINARIZATION_TOLERANCE),
+        "with_noise": True,
+        "self_binarized": bool(binary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE),
+        "ternary_holds": bool(ternary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE),
     }
 
 
