@@ -220,3 +220,27 @@ def write_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_cli(capsys: pytest.CaptureFixture, *arguments: str | Path) -> tuple[int, str, str]:
+    """Run `wnplan ARGUMENTS` in this process and return (exit code, stdout, stderr)."""
+    from wnplan.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(argument) for argument in arguments])
+    captured = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+def assert_usage_error(result: tuple[int, str, str], *fragments: str) -> str:
+    """Check the bad-input contract (exit 2, one stderr line, no traceback); return the line."""
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wnplan: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

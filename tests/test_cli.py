@@ -14,36 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_json, write_npz
+from conftest import assert_usage_error, read_json, run_cli, write_npz
 
 from wnplan import __version__
-from wnplan.cli import main
 from wnplan.data import load_data
 
 # A small, fixed grid keeps every profile run short: 4 σ values × 2 repeats per curve.
 PROFILE_OPTIONS = ["--data", "digits", "--limit", "50", "--sigmas", "0.1,1,3,10", "--repeats", "2"]
-
-
-def run_cli(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str, str]:
-    """Run `wnplan ARGUMENTS` and return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(argument) for argument in arguments])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
-
-
-def assert_usage_error(result: tuple[int, str, str], *fragments: str) -> str:
-    """Check the exit code 2 contract and return the error line."""
-    code, _, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("wnplan: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

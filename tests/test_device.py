@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import read_json
+from conftest import assert_usage_error, read_json, run_cli
 from torch import nn
 
 from wnplan import records, runtime
@@ -80,26 +80,6 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def example(model_format: str) -> Path:
     return EXAMPLES / f"mlp_bn.{model_format}"
-
-
-def run_cli(capsys: pytest.CaptureFixture, *arguments: str | Path) -> tuple[int, str, str]:
-    """Run `wnplan ARGUMENTS` in this process and return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(argument) for argument in arguments])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
-
-
-def error_line(result: tuple[int, str, str]) -> str:
-    """Check the bad-input contract (exit 2, one stderr line, no traceback); return the line."""
-    code, _, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("wnplan: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def run_chain(folder: Path, model_format: str, device: str) -> dict[str, Path]:
@@ -375,7 +355,7 @@ def test_profile_without_device_reads(cpu_chain, tmp_path):
 def test_cli_profile_cuda_without_gpu(capsys, workdir, model_format):
     skip_if_cuda_works(model_format)
 
-    line = error_line(run_cli(capsys, "profile", example(model_format), *SMALL_PROFILE, "--device", "cuda"))
+    line = assert_usage_error(run_cli(capsys, "profile", example(model_format), *SMALL_PROFILE, "--device", "cuda"))
 
     for fragment in CUDA_ERROR[model_format]:
         assert fragment in line
@@ -386,7 +366,7 @@ def test_cli_allocate_cuda_without_gpu(capsys, workdir, cpu_chain):
     model_format, files = cpu_chain
     skip_if_cuda_works(model_format)
 
-    line = error_line(run_cli(capsys, "allocate", files["profile"], "--budget", "4", "--device", "cuda"))
+    line = assert_usage_error(run_cli(capsys, "allocate", files["profile"], "--budget", "4", "--device", "cuda"))
 
     for fragment in CUDA_ERROR[model_format]:
         assert fragment in line
@@ -397,7 +377,7 @@ def test_cli_check_cuda_without_gpu(capsys, workdir, cpu_chain):
     model_format, files = cpu_chain
     skip_if_cuda_works(model_format)
 
-    line = error_line(run_cli(capsys, "check", files["plan"], "--repeats", "2", "--device", "cuda"))
+    line = assert_usage_error(run_cli(capsys, "check", files["plan"], "--repeats", "2", "--device", "cuda"))
 
     for fragment in CUDA_ERROR[model_format]:
         assert fragment in line
@@ -410,7 +390,7 @@ def test_cli_unknown_device(capsys, workdir, cpu_chain, command):
     source = {"profile": example("pt2"), "allocate": files["profile"], "check": files["plan"]}[command]
     extra = ["--budget", "4"] if command == "allocate" else []
 
-    line = error_line(run_cli(capsys, command, source, *extra, "--device", "gpu"))
+    line = assert_usage_error(run_cli(capsys, command, source, *extra, "--device", "gpu"))
 
     assert "invalid --device 'gpu': expected one of cpu, cuda" in line
     assert os.listdir(workdir) == []
@@ -418,7 +398,8 @@ def test_cli_unknown_device(capsys, workdir, cpu_chain, command):
 
 @pytest.mark.parametrize("mode", ["trained", "both"])
 def test_cli_trained_mode_rejects_cuda(capsys, workdir, mode):
-    line = error_line(run_cli(capsys, "profile", example("pt2"), *SMALL_PROFILE, "--mode", mode, "--device", "cuda"))
+    result = run_cli(capsys, "profile", example("pt2"), *SMALL_PROFILE, "--mode", mode, "--device", "cuda")
+    line = assert_usage_error(result)
 
     assert "invalid --device 'cuda'" in line
     assert "trained mode runs on the cpu only" in line

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from conftest import run_cli
 
 from wnplan import records
-from wnplan.cli import main
 from wnplan.data import load_data, parse_normalize
 from wnplan.errors import ModelError
 from wnplan.export import NODE_METADATA_IR_VERSION, export_plan_to_onnx
@@ -77,15 +77,6 @@ def node_metadata(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
 def run_model(path: Path, inputs: np.ndarray) -> list[np.ndarray]:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: inputs})
-
-
-def run_cli(capsys: pytest.CaptureFixture, *arguments: str | Path) -> tuple[int, str, str]:
-    """Run `wnplan ARGUMENTS` in-process and return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(argument) for argument in arguments])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 # --- the exported model ---
