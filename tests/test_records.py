@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from wnplan import records
-from wnplan.errors import FileFormatError
+from wnplan.errors import FileFormatError, SettingsError
 from wnplan.plan import AllocationSettings, allocate
 from wnplan.simulate import check
 
@@ -283,8 +283,11 @@ def test_write_record_failed_rename_removes_temporary(valid_records, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("unchanged")
 
-    with pytest.raises(IsADirectoryError):
+    # write_record refuses the folder up front; the writer below it must still clean up.
+    with pytest.raises(SettingsError, match="it is a folder"):
         records.write_record(valid_records["plan"], "plan", target)
+    with pytest.raises(IsADirectoryError):
+        records._write_text(records.dumps(valid_records["plan"]), "plan", target)
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["plan.json"]
     assert (target / "keep.txt").read_text() == "unchanged"

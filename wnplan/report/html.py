@@ -142,7 +142,8 @@ def _summary_table(profile: Mapping[str, Any]) -> str:
         ("data", f"{profile['data']['name']}, {profile['data']['samples']} samples"),
         ("noise", f"{noise_text}; {sigma_label(noise)}"),
         ("mode and scope", f"{settings['mode']}, {settings['scope']}"),
-        ("repeats and seed", f"{settings['repeats']} repeats per σ, seed {settings['seed']}"),
+        ("repeats and seed", f"{settings['repeats']} {'repeat' if settings['repeats'] == 1 else 'repeats'} per σ, "
+         + f"seed {settings['seed']}"),
         ("clean accuracy", f"{clean['accuracy']:.4f} ({clean['correct']} of {clean['samples']})"),
         ("classes and chance", f"{profile['classes']} classes, chance {profile['chance']:.3g}"),
     ]
