@@ -496,3 +496,19 @@ def test_cli_trained_warns_when_training_diverges(capsys, caplog, workdir, digit
     assert code == 0
     assert "without noise" in caplog.text
     assert "lower --lr" in caplog.text
+
+
+def test_cli_allocate_warns_on_trained_profile(capsys, caplog, workdir, digits_mlp):
+    profile = workdir / "trained.json"
+    code, _, err = run_cli(
+        capsys, "profile", digits_mlp.onnx, *PROFILE_OPTIONS, "--mode", "trained", "--scope", "both",
+        "--train-limit", "64", "--store", "none", "--out", profile,
+    )
+    assert code == 0, err
+
+    with caplog.at_level(logging.WARNING, logger="wnplan"):
+        code, _, err = run_cli(capsys, "allocate", profile, "--budget", "8", "--method", "paper",
+                               "--out", workdir / "plan.json")
+
+    assert code == 0, err
+    assert "holds noise-trained curves" in caplog.text

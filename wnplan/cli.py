@@ -31,6 +31,11 @@ logger = logging.getLogger("wnplan")
 
 # More threads than this is a typo rather than a machine; onnxruntime fails to start with 100,000.
 MAX_THREADS = 1024
+TRAINED_PROFILE_WARNING = (
+    "%s holds noise-trained curves: the plan follows the µ of models fine-tuned with noise, while "
+    + "the search and `wnplan check` run the model file as it is. To deploy that model, allocate from "
+    + "an inference-mode profile"
+)
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -450,6 +455,8 @@ def allocate(
     records.check_output_path(out)
     profile_record = records.read_record(profile_path, "profile")
     _set_device(device, profile_record["model"]["format"])
+    if profile_record["settings"].get("mode") == "trained":
+        logger.warning(TRAINED_PROFILE_WARNING, profile_path)
     settings = AllocationSettings(
         budget=budget,
         method=method,
