@@ -91,11 +91,26 @@ def check_output_path(path: str | Path, option: str = "--out") -> Path:
     ancestor = path.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not ancestor.is_dir() or not _can_create_file(ancestor):
         raise SettingsError(
             f"invalid {option} {text!r}: cannot write into {str(ancestor)!r}; choose a path in a writable folder"
         )
     return path
+
+
+def _can_create_file(folder: Path) -> bool:
+    """Return whether a file can be created in the folder, by creating and removing one.
+
+    Permission bits alone are not enough: root passes every access check, and some file
+    systems (/proc, read-only mounts) refuse new files whatever the bits say.
+    """
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".wnplan-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(descriptor)
+    Path(probe).unlink(missing_ok=True)
+    return True
 
 
 def write_record(record: dict[str, Any], kind: str, path: str | Path) -> Path:
