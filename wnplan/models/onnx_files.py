@@ -46,14 +46,9 @@ def load_onnx(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
         ModelError: the file is not ONNX, its external data is missing, outside the model's
             folder or truncated, or the model is too large to serialize.
     """
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except DecodeError:
-        raise ModelError(f"{path}: not a valid ONNX file (protobuf decoding failed)") from None
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ModelError(f"{path}: cannot read the ONNX model ({_first_line(error)})") from None
+    proto = _read_graph(path)
 
-    external = [tensor for tensor in all_tensors(proto) if external_data_helper.uses_external_data(tensor)]
+    external = _external_tensors(proto)
     total = proto.ByteSize()
     folder = path.parent
     for tensor in external:
@@ -64,7 +59,7 @@ def load_onnx(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
             "graphs in memory and protobuf cannot serialize 2 GB or more, so profile the PyTorch " +
             "model (a .pt2 file from torch.export) instead"
         )
-    data_files = list(dict.fromkeys(folder / _location(tensor) for tensor in external))
+    data_files = _data_files(external, folder)
     if external:
         try:
             external_data_helper.load_external_data_for_model(proto, str(folder))
@@ -80,16 +75,31 @@ def external_data_files(path: Path) -> list[Path]:
     Raises:
         ModelError: the file is not ONNX, or a data entry is missing or outside the folder.
     """
+    proto = _read_graph(path)
+    external = _external_tensors(proto)
+    for tensor in external:
+        _external_length(tensor, path.parent, path)
+    return _data_files(external, path.parent)
+
+
+def _read_graph(path: Path) -> onnx.ModelProto:
+    """Read an ONNX file without its external data; raise ModelError if it is not ONNX."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except DecodeError:
         raise ModelError(f"{path}: not a valid ONNX file (protobuf decoding failed)") from None
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"{path}: cannot read the ONNX model ({_first_line(error)})") from None
-    external = [tensor for tensor in all_tensors(proto) if external_data_helper.uses_external_data(tensor)]
-    for tensor in external:
-        _external_length(tensor, path.parent, path)
-    return list(dict.fromkeys(path.parent / _location(tensor) for tensor in external))
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list:
+    """Return the tensors whose values are stored in external data files."""
+    return [tensor for tensor in all_tensors(proto) if external_data_helper.uses_external_data(tensor)]
+
+
+def _data_files(external: list, folder: Path) -> list[Path]:
+    """Return the external data files that the tensors name, each once, in the order first named."""
+    return list(dict.fromkeys(folder / _location(tensor) for tensor in external))
 
 
 def content_sha256(path: Path, data_files: list[Path]) -> str:
