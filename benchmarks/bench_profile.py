@@ -113,35 +113,29 @@ class StageTimer:
         """
         original_standard = wnplan.noise.draw_standard
         original_into, original_apply = wnplan.evaluate.noisy_into, wnplan.evaluate.apply_noise
-
-        def timed_standard(*arguments, **keywords):
-            started = time.perf_counter()
-            try:
-                return original_standard(*arguments, **keywords)
-            finally:
-                self.draw += time.perf_counter() - started
-
-        def timed_into(*arguments, **keywords):
-            started, drawn = time.perf_counter(), self.draw
-            try:
-                return original_into(*arguments, **keywords)
-            finally:
-                self.apply += time.perf_counter() - started - (self.draw - drawn)
-
-        def timed_apply(*arguments, **keywords):
-            started = time.perf_counter()
-            try:
-                return original_apply(*arguments, **keywords)
-            finally:
-                self.apply += time.perf_counter() - started
-
-        wnplan.noise.draw_standard = timed_standard
-        wnplan.evaluate.noisy_into, wnplan.evaluate.apply_noise = timed_into, timed_apply
+        wnplan.noise.draw_standard = self._timed(original_standard, "draw")
+        # noisy_into draws through draw_standard: its own share is the rest of its time.
+        wnplan.evaluate.noisy_into = self._timed(original_into, "apply", without="draw")
+        wnplan.evaluate.apply_noise = self._timed(original_apply, "apply")
         try:
             yield
         finally:
             wnplan.noise.draw_standard = original_standard
             wnplan.evaluate.noisy_into, wnplan.evaluate.apply_noise = original_into, original_apply
+
+    def _timed(self, function: Callable, total: str, without: str | None = None) -> Callable:
+        """Return `function` adding its wall time to the attribute `total`, less the time `without` gained."""
+
+        def timed(*arguments, **keywords):
+            started = time.perf_counter()
+            inner = getattr(self, without) if without else 0.0
+            try:
+                return function(*arguments, **keywords)
+            finally:
+                nested = getattr(self, without) - inner if without else 0.0
+                setattr(self, total, getattr(self, total) + time.perf_counter() - started - nested)
+
+        return timed
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -787,7 +781,7 @@ def set_matmul_shares(result: dict[str, Any]) -> None:
 
     The matmul is timed at the start and after each case, and the best of all of them is the
     reference. On a shared machine that best rate is the one closest to the machine's limit.
-    Rates per CPU-second are set against the reference per thread, which tells slow code
+    Rates per CPU-second are set against the reference per thread, which separates slow code
     from a small share of the cores.
     """
     measured = [result["matmul"], *result.get("matmul_after_cases", [])]
