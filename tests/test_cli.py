@@ -514,7 +514,7 @@ def test_cli_allocate_warns_on_trained_profile(capsys, caplog, workdir, digits_m
     assert "holds noise-trained curves" in caplog.text
 
 
-def test_cli_profile_rejects_out_on_file_system_without_new_files(capsys, workdir, digits_mlp):
+def test_cli_profile_out_on_proc(capsys, workdir, digits_mlp):
     result = run_cli(capsys, "profile", digits_mlp.onnx, *PROFILE_OPTIONS, "--out", "/proc/profile.json",
                      "--store", "none")
 

@@ -168,7 +168,7 @@ def test_fit_curve_keeps_one_step_for_asymmetric_drop(seed):
     assert result.second_midpoint is None
 
 
-def test_fit_curve_error_scale_near_one_for_exact_logistic():
+def test_fit_error_scale_exact_logistic():
     # Binomial scatter around a true logistic: χ²/dof is about 1, so the scale stays small.
     true = logistic_accuracy(LOG_GRID, 0.9, CHANCE, mu=0.3, s=0.2, space="log")
     scales = [fit_curve(sample_points(LOG_GRID, true, seed), CHANCE, "log").error_scale for seed in range(5)]
@@ -177,7 +177,7 @@ def test_fit_curve_error_scale_near_one_for_exact_logistic():
     assert np.median(scales) < 1.6
 
 
-def test_fit_curve_scales_error_by_birge_ratio_on_misfit():
+def test_fit_error_scale_on_misfit():
     # A Gompertz-shaped drop measured exactly is further from any logistic than errors of
     # 0.006 allow (above the binomial floor of 10,000 samples, so no point is floored).
     u = np.log10(WIDE_LOG_GRID[1:])

@@ -285,7 +285,7 @@ def profile(
         trials, exact = count_trials(loaded, settings)
         approx = "" if exact else "about "
         if settings.mode != "inference":
-            # NOTE: one forward pass per trial says nothing about training time, so none is estimated.
+            # NOTE: the estimate times one forward pass per trial and cannot predict training time.
             training = settings.training
             stdout.print(
                 f"{approx}{trials} trials on {len(dataset)} samples; each trained model trains {training.epochs} "

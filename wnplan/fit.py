@@ -382,10 +382,10 @@ def _plateau_level(curve: _Curve, chance: float, a_max: float) -> float | None:
 def _consistent(y: np.ndarray, e: np.ndarray) -> bool:
     """Return whether the points agree with one common level, at the 3-standard-error level.
 
-    The test is χ² of the points around their weighted mean against the χ² quantile with the
-    same tail probability as 3 standard errors. Two points agree when they differ by at most 3
-    combined standard errors; testing each point against the mean alone would let points
-    4 combined errors apart pass, because the mean sits between them.
+    The test compares χ² of the points around their weighted mean with the χ² quantile of the
+    same tail probability as 3 standard errors. So two points agree when they differ by at most
+    3 combined standard errors. Testing each point against the mean alone would let points 4
+    combined errors apart pass, because the mean sits between them.
     """
     mean = np.average(y, weights=e**-2)
     chi2 = float(np.sum(((y - mean) / e) ** 2))

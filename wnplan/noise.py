@@ -233,9 +233,9 @@ def noisy_into(
     """Write `x * mul + add` for the noise `draw_noise` would draw into `out`, with fewer copies.
 
     The values equal `apply_noise(x, *draw_noise(noise, x.shape, seed, site_index, start))`
-    bit for bit: the same float32 operations run in the same order, but the scaled draws
-    reuse the arrays of the standard normals, and the result goes straight into `out`
-    (for example one trial's rows of a stacked batch). For float32 values only.
+    bit for bit, because the same float32 operations run in the same order. The scaled draws
+    reuse the arrays of the standard normals, and the result goes straight into `out`, for
+    example one trial's rows of a stacked batch. For float32 values only.
     """
     if noise.is_clean:
         np.copyto(out, x)

@@ -542,8 +542,9 @@ def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:
         maps = build_maps(model, settings)
         return len(maps) * len(maps[0].sigmas_mul) * len(maps[0].sigmas_add) * settings.repeats, True
     walking, global_curve = build_curves(model, settings, (1, 1), 2)
-    # With mode "both" every curve is measured twice: inference-only, then trained.
-    curves = (len(walking) + (1 if global_curve else 0)) * (2 if settings.mode == "both" else 1)
+    curves = len(walking) + (1 if global_curve else 0)
+    if settings.mode == "both":
+        curves *= 2  # every curve is measured twice: inference-only, then trained
     if settings.sigmas:
         return curves * len(set(settings.sigmas)) * settings.repeats, True
     typical_points = 6 + 10  # coarse decades + refinement where the curve falls

@@ -101,8 +101,8 @@ def check_output_path(path: str | Path, option: str = "--out") -> Path:
 def _can_create_file(folder: Path) -> bool:
     """Return whether a file can be created in the folder, by creating and removing one.
 
-    Permission bits alone are not enough: root passes every access check, and some file
-    systems (/proc, read-only mounts) refuse new files whatever the bits say.
+    Permission bits alone are not enough, because root passes every access check and some
+    file systems (/proc, read-only mounts) reject new files whatever the bits are.
     """
     try:
         descriptor, probe = tempfile.mkstemp(prefix=".wnplan-probe.", dir=folder)

@@ -172,9 +172,9 @@ class TrainedEvaluator:
             return None
         binary = [records.binary_levels(values) for values in evaluation.clean_values]
         ternary = [records.ternary_levels(values) for values in evaluation.clean_values]
-        # The quantized values get the trial's own noise, and the reference is the noisy
-        # accuracy: a model trained with large noise depends on it (BatchNorm statistics were
-        # learned on noisy values), so its accuracy without noise says nothing about the site.
+        # The quantized values get the trial's own noise, and the reference is the noisy accuracy.
+        # A model trained with large noise learned its BatchNorm statistics on noisy values, so
+        # its accuracy without noise does not describe the site.
         seeds = [self.seed_of(trial) for trial in trials]
         levels = [config.levels for config in configs]
         vectorize = stacks_configurations(twin, self.settings)
