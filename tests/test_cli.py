@@ -519,3 +519,9 @@ def test_cli_profile_out_on_proc(capsys, workdir, digits_mlp):
                      "--store", "none")
 
     assert_usage_error(result, "invalid --out", "cannot write into '/proc'")
+
+
+def test_cli_profile_negative_workers(capsys, workdir, digits_mlp):
+    result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--workers", "-1")
+
+    assert_usage_error(result, "invalid --workers -1", "expected 0")
