@@ -570,3 +570,33 @@ def test_evaluator_uses_trial_subset(bn_mlp, train_data, eval_data):
 
     assert [result.total for result in results] == [EVAL_SAMPLES, 32]
     assert results[0].extra["seeds"]["training"] == results[1].extra["seeds"]["training"]
+
+
+class _ViewsAfterLinear(nn.Module):
+    """A linear layer on 4 rows per sample whose output `view` merges: stacked outputs are transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(TORCH_SEED)
+        self.rows = nn.Linear(196, 8)
+        self.norm = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.rows(x.view(-1, 4, 196)).view(-1, 32)
+        return self.out(torch.relu(self.norm(hidden)))
+
+
+def test_stacked_training_views_linear_output(tmp_path, train_data):
+    module = _with_statistics(_ViewsAfterLinear())
+    model = load_model(export_pt2(module, torch.zeros(2, 1, 28, 28), tmp_path / "views.pt2"))
+    twin = build_twin(model)
+    assert "view.default" in {getattr(node.target, "__name__", "") for node in twin.module.graph.nodes}
+    configs = _configs(1, [0.1, 0.5])
+    settings = TrainingSettings(batch_size=64, train_limit=192, optimizer="sgd", lr=0.05, vectorize=True)
+
+    vectorized = train(twin, configs, train_data, settings)
+    alone = train(twin, configs, train_data, dataclasses.replace(settings, vectorize=False))
+
+    for name in twin.stacked_names():
+        torch.testing.assert_close(vectorized.tensors[name], alone.tensors[name], rtol=1e-4, atol=1e-5)

@@ -330,8 +330,7 @@ def _run_steps(twin, sites, configs, x, y, settings, forward, parameters, clampe
             noise = inputs.draw_noise(indices.shape[1])
             samples, labels = inputs.gather(indices)
             logits = forward(samples, noise)
-            per_sample = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none")
-            per_config = per_sample.view(len(configs), -1).mean(dim=1)
+            per_config = per_sample_loss(logits, labels).mean(dim=1)
             optimizer.zero_grad(set_to_none=True)
             per_config.sum().backward()
             optimizer.step()
@@ -343,6 +342,19 @@ def _run_steps(twin, sites, configs, x, y, settings, forward, parameters, clampe
             losses = per_config.detach().tolist()
     logger.debug("trained %d configurations for %d steps", len(configs), total_steps)
     return total_steps, losses
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy of logits (K, B, classes) against flat labels (K·B,) as (K, B).
+
+    Stacked linear layers leave the logits class-first in memory. Read that way, as a (K,
+    classes, B) input, the softmax runs along contiguous samples, about ten times faster
+    on the CPU than across the 10 classes of each sample.
+    """
+    size = logits.shape[0]
+    if logits.mT.is_contiguous() and not logits.is_contiguous():
+        return F.cross_entropy(logits.mT, labels.view(size, -1), reduction="none")
+    return F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(size, -1)
 
 
 def make_optimizer(parameters: list[torch.Tensor], settings: TrainingSettings) -> torch.optim.Optimizer:
