@@ -20,8 +20,11 @@ as a check.
 
 Usage:
     python benchmarks/bench_train.py [--models mlp_bn,lenet5_bn] [--train-samples 10000]
-        [--eval-samples 10000] [--repeats 2] [--threads 1] [--sigmas 0.1,0.3,1.0,3.0] [--seeds 2]
-        [--profile] [--out benchmarks/results]
+        [--eval-samples 10000] [--repeats 3] [--threads N] [--sigmas 0.01,0.0316,...,31.6]
+        [--seeds 3] [--profile] [--out benchmarks/results]
+
+The default configurations are the size of one round of a trained-mode curve: 8 σ values
+× 3 seeds = 24. The default thread count is torch's, all cores, as `wnplan profile` uses.
 
 Writes train.json and train.md to --out and prints the table. `--profile` adds the top
 operators of one vectorized and one one-by-one run of each model (torch.profiler) to the JSON.
@@ -51,8 +54,9 @@ from wnplan.train.twin import build_twin
 MODELS_DIR = Path(__file__).resolve().parent.parent / "examples" / "models"
 # Model file, and the site to train with noise: a BatchNorm output in the middle of each network.
 MODELS = {"mlp_bn": ("mlp_bn.pt2", "fc2_bn"), "lenet5_bn": ("lenet5_bn.pt2", "conv2_bn")}
-SIGMAS = (0.1, 0.3, 1.0, 3.0)  # absolute additive σ
-SEEDS = 2
+# One round of a trained-mode curve: 8 σ values (absolute, additive), 2 per decade, × 3 seeds.
+SIGMAS = (0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6)
+SEEDS = 3
 BENCHMARK_SEED = 0
 PROFILE_ROWS = 12
 
@@ -215,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--train-samples", type=int, default=10000, help="Fashion-MNIST training images")
     parser.add_argument("--eval-samples", type=int, default=10000, help="Fashion-MNIST test images")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each mode; the fastest counts")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 suits a shared machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode; the fastest counts")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table per model and mode")
     parser.add_argument("--sigmas", default=",".join(str(sigma) for sigma in SIGMAS),
                         help="comma-separated absolute σ values of the configurations")
@@ -225,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for train.json and train.md (default: benchmarks/results)")
     arguments = parser.parse_args(argv)
 
-    torch.set_num_threads(arguments.threads)
-    started = machine(arguments.threads)
+    if arguments.threads is not None:
+        torch.set_num_threads(arguments.threads)
+    started = machine(torch.get_num_threads())
     sizes = (arguments.train_samples, arguments.eval_samples, arguments.repeats)
     sigmas = tuple(float(value) for value in arguments.sigmas.split(","))
     results = [
