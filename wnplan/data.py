@@ -149,7 +149,7 @@ def load_data(
     if not np.all(np.isfinite(x)):
         raise DataError(
             f"data {spec!r}: x has values that become inf or NaN in float32 after preprocessing; "
-            "rescale the data first"
+            + "rescale the data first"
         )
     logger.info("loaded %s: %d samples of shape %s", spec, len(y), x.shape[1:])
     return Dataset(x, y, spec, preprocessing, _hash_arrays(x, y))
@@ -171,7 +171,7 @@ def _read_raw(spec: str, default_split: str) -> tuple[np.ndarray, np.ndarray, st
     if not path.exists():
         raise DataError(
             f"data not found: {spec!r}. Expected a .npz file, an IDX folder, or one of "
-            f"{', '.join(BUILTIN_NAMES)} (optionally with :test or :train)"
+            + f"{', '.join(BUILTIN_NAMES)} (optionally with :test or :train)"
         )
     if path.is_dir():
         return (*_read_idx_folder(path, default_split, spec), "auto")
@@ -179,7 +179,7 @@ def _read_raw(spec: str, default_split: str) -> tuple[np.ndarray, np.ndarray, st
         return (*_read_npz(path), "auto")
     raise DataError(
         f"unsupported data file {spec!r}: expected a .npz file with arrays x and y, or a folder "
-        "of IDX files"
+        + "of IDX files"
     )
 
 
@@ -195,7 +195,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise DataError(
                 f"{path}: missing array {missing[0]!r}; a .npz data file needs arrays 'x' "
-                f"(samples) and 'y' (labels), found {sorted(archive.files)}"
+                + f"(samples) and 'y' (labels), found {sorted(archive.files)}"
             )
         try:
             return archive["x"], archive["y"]
@@ -214,8 +214,8 @@ def _read_idx_folder(folder: Path, split: str, spec: str) -> tuple[np.ndarray, n
     if not folder.is_dir():
         raise DataError(
             f"data folder {str(folder)!r} for {spec!r} not found. Install the Debian package "
-            "dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass a folder of "
-            "IDX files with --data"
+            + "dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass a folder of "
+            + "IDX files with --data"
         )
     prefixes = ("t10k", "test") if split == "test" else ("train",)
     images = _find_idx_file(folder, prefixes, "images")
@@ -223,7 +223,7 @@ def _read_idx_folder(folder: Path, split: str, spec: str) -> tuple[np.ndarray, n
     if images is None or labels is None:
         raise DataError(
             f"no {split} IDX files in {str(folder)!r}: expected files named like "
-            f"{prefixes[0]}-images-idx3-ubyte[.gz] and {prefixes[0]}-labels-idx1-ubyte[.gz]"
+            + f"{prefixes[0]}-images-idx3-ubyte[.gz] and {prefixes[0]}-labels-idx1-ubyte[.gz]"
         )
     x = read_idx(images)
     if x.ndim == 3:
@@ -260,14 +260,14 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) - header != count * dtype.itemsize:
         raise DataError(
             f"{path}: IDX payload has {len(raw) - header} bytes, the header declares shape "
-            f"{shape} ({count * dtype.itemsize} bytes); the file is truncated or corrupted"
+            + f"{shape} ({count * dtype.itemsize} bytes); the file is truncated or corrupted"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
 def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
     from scipy.ndimage import zoom
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = bunch.images.astype(np.float32)  # (1797, 8, 8), levels 0..16
@@ -275,7 +275,7 @@ def _read_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
     # A fixed permutation makes the split the same on every machine.
     order = np.random.default_rng(0).permutation(len(labels))
-    n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
+    n_test = round(len(labels) * DIGITS_TEST_FRACTION)
     chosen = order[:n_test] if split == "test" else order[n_test:]
     resized = zoom(images[chosen], (1, 3.5, 3.5), order=1)
     return np.clip(resized, 0, 16)[:, None, :, :], labels[chosen]
@@ -338,7 +338,7 @@ def _scale(x: np.ndarray, scaling: str) -> tuple[np.ndarray, str]:
     if x.dtype.kind in "iub":
         raise DataError(
             f"integer images of dtype {x.dtype} have no known range; convert them to float or "
-            "uint8 first"
+            + "uint8 first"
         )
     with np.errstate(over="ignore"):  # values beyond float32 become inf, which load_data reports
         return x.astype(np.float32), "none"

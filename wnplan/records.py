@@ -65,7 +65,9 @@ def dumps(record: dict[str, Any]) -> str:
         return json.dumps(record, sort_keys=True, indent=2, allow_nan=False) + "\n"
     except ValueError:
         where = _non_finite_path(record)
-        raise FileFormatError(f"field {where} is a non-finite number (NaN or infinity); wnplan writes only finite numbers") from None
+        raise FileFormatError(
+            f"field {where} is a non-finite number (NaN or infinity); wnplan writes only finite numbers"
+        ) from None
 
 
 def record_sha256(record: dict[str, Any]) -> str:
@@ -187,7 +189,8 @@ def read_record(path: str | Path, kind: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise FileFormatError(f"{path}: a {kind} file must contain a JSON object")
     if record.get("kind") != kind:
-        found = f"a {record['kind']} file" if isinstance(record.get("kind"), str) else "not a wnplan file (no kind field)"
+        kind_found = record.get("kind")
+        found = f"a {kind_found} file" if isinstance(kind_found, str) else "not a wnplan file (no kind field)"
         raise FileFormatError(f"{path}: this is {found}, but a {kind} file is needed")
     validate(record, kind, str(path))
     return record

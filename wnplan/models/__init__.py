@@ -89,7 +89,7 @@ def load_model(
         return _load_torch_file(path, factory, trust, sample)
     raise ModelError(
         f"unsupported model file {str(path)!r}: expected .onnx, .pt2 (torch.export), or a state "
-        "dict (.pt/.pth) with --factory module:function"
+        + "dict (.pt/.pth) with --factory module:function"
     )
 
 
@@ -155,7 +155,7 @@ def _load_torch_file(path: Path, factory: str | None, trust: bool, sample: np.nd
         # NOTE: TorchScript graphs are not converted to fx yet, so they cannot be profiled.
         raise ModelError(
             f"{path}: TorchScript archives are not supported; export the model with "
-            "torch.export.export and torch.export.save to a .pt2 file"
+            + "torch.export.export and torch.export.save to a .pt2 file"
         )
 
     if factory is not None:
@@ -181,14 +181,14 @@ def _load_torch_file(path: Path, factory: str | None, trust: bool, sample: np.nd
         if not isinstance(module, torch.nn.Module):
             raise ModelError(
                 f"{path}: contains a {type(module).__name__}, not a torch.nn.Module; for a state "
-                "dict pass --factory module:function"
+                + "dict pass --factory module:function"
             )
         format_name = "pickle"
     else:
         raise ModelError(
             f"{path}: a PyTorch file needs --factory module:function to build the architecture "
-            "for its state dict, or --trust to unpickle a full module (unpickling runs code "
-            "from the file)"
+            + "for its state dict, or --trust to unpickle a full module (unpickling runs code "
+            + "from the file)"
         )
 
     if sample is None:

@@ -227,7 +227,7 @@ class Model(ABC):
             shown = ["N" if dim is None else str(dim) for dim in expected]
             raise DataError(
                 f"data samples have shape {tuple(got[1:])} but the model expects input of shape "
-                f"({', '.join(shown)}); pass data of that shape with --data"
+                + f"({', '.join(shown)}); pass data of that shape with --data"
             )
 
 
@@ -255,7 +255,7 @@ def class_scores(logits: np.ndarray, count: int) -> np.ndarray:
     if logits.shape[1] < 2:
         raise ModelError(
             f"the model's first output has {logits.shape[1]} column for each sample; wnplan needs one "
-            "score per class, so export a binary classifier with two output columns"
+            + "score per class, so export a binary classifier with two output columns"
         )
     return logits
 
