@@ -600,3 +600,31 @@ def test_stacked_training_views_linear_output(tmp_path, train_data):
 
     for name in twin.stacked_names():
         torch.testing.assert_close(vectorized.tensors[name], alone.tensors[name], rtol=1e-4, atol=1e-5)
+
+
+class _PermutedFeatures(nn.Module):
+    """A convolution whose channels move last (permute) for a linear layer over them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(TORCH_SEED)
+        self.conv = nn.Conv2d(1, 4, 7, stride=7)
+        self.mix = nn.Linear(4, 3)
+        self.out = nn.Linear(3 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mix(self.conv(x).permute(0, 2, 3, 1)).flatten(1))
+
+
+def test_stacked_training_permutes_dimensions(tmp_path, train_data):
+    model = load_model(export_pt2(_PermutedFeatures().eval(), torch.zeros(2, 1, 28, 28), tmp_path / "permute.pt2"))
+    twin = build_twin(model)
+    assert "permute.default" in {getattr(node.target, "__name__", "") for node in twin.module.graph.nodes}
+    configs = _configs(1, [0.1, 0.5])
+    settings = TrainingSettings(batch_size=64, train_limit=192, optimizer="sgd", lr=0.05, vectorize=True)
+
+    vectorized = train(twin, configs, train_data, settings)
+    alone = train(twin, configs, train_data, dataclasses.replace(settings, vectorize=False))
+
+    for name in twin.stacked_names():
+        torch.testing.assert_close(vectorized.tensors[name], alone.tensors[name], rtol=1e-4, atol=1e-5)

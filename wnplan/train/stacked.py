@@ -53,7 +53,8 @@ BATCH_OPS = frozenset(
     }
 )
 # ATen operators with dimension arguments: (kind, position, keyword, default) per argument.
-# Kinds: "dim" (one dimension), "dims" (one or several), "shape" (a size list).
+# Kinds: "dim" (one dimension), "dims" (one or several), "order" (every dimension, as for
+# permute), "shape" (a size list).
 DIMENSION_OPS: dict[str, list[tuple[str, int, str, object]]] = {
     "flatten": [("dim", 1, "start_dim", 0), ("dim", 2, "end_dim", -1)],
     "mean": [("dims", 1, "dim", ALL_DIMS)],
@@ -66,7 +67,7 @@ DIMENSION_OPS: dict[str, list[tuple[str, int, str, object]]] = {
     "_log_softmax": [("dim", 1, "dim", None)],
     "cat": [("dim", 1, "dim", 0)],
     "concat": [("dim", 1, "dim", 0)],
-    "permute": [("dims", 1, "dims", None)],
+    "permute": [("order", 1, "dims", None)],
     "transpose": [("dim", 1, "dim0", None), ("dim", 2, "dim1", None)],
     "view": [("shape", 1, "size", None)],
     "reshape": [("shape", 1, "shape", None)],
@@ -372,6 +373,8 @@ def _squeezable(x: torch.Tensor) -> list[int]:
 def _shift(kind: str, value, size: int):
     if kind == "shape":
         return [size, *value]
+    if kind == "order":
+        return [0, *(_shift_one(dim) for dim in value)]
     if kind == "dims" and isinstance(value, (list, tuple)):
         return [_shift_one(dim) for dim in value]
     return _shift_one(value)
