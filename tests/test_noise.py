@@ -16,7 +16,7 @@ import pytest
 
 from wnplan.data import Dataset
 from wnplan.errors import SettingsError
-from wnplan.evaluate import evaluate_noisy
+from wnplan.evaluate import count_correct, evaluate_noisy
 from wnplan.models import load_model
 from wnplan.noise import (
     NOISE_BLOCK,
@@ -325,3 +325,10 @@ def test_noisy_into_equals_apply_noise_bit_for_bit(noise):
 
     np.testing.assert_array_equal(out[600:], expected)
     assert np.isnan(out[:600]).all()  # only the given rows are written
+
+
+def test_count_correct_rejects_non_finite_logits():
+    logits = np.array([[np.nan, np.nan], [np.inf, 0.0], [1.0, np.nan], [2.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 0, 1])
+
+    assert count_correct(logits, labels) == 2

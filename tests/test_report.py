@@ -30,7 +30,7 @@ from wnplan.records import validate, write_record
 from wnplan.report import load_sources, terminal_chart, write_report
 from wnplan.report.extras import last_binarization, last_histograms, preserved_accuracy
 from wnplan.report.plan_plots import uniform_executions
-from wnplan.report.sources import curve_data
+from wnplan.report.sources import CurveData, curve_data
 from wnplan.simulate import check
 from wnplan.train.records import (
     activation_histogram,
@@ -130,7 +130,7 @@ def _trained_extras(site: int):
                     "activations": {"site": site, "samples": 80, "clean": activation_histogram(clean),
                                     "noisy": activation_histogram(noisy)},
                     "binarization": binarization_record(reference, reference - 0.005, reference - 0.002,
-                                                        binary_levels(clean), ternary_levels(clean)),
+                                                        binary_levels(clean), ternary_levels(clean), 0.1),
                 })
                 continue
             values = np.linspace(-2, 2, 80)
@@ -606,3 +606,16 @@ def test_report_page_renders_in_chromium(extras_report, tmp_path, monkeypatch):
     assert [alt for complete, width, alt in images if not complete or width <= 0] == []
     assert errors == []
     assert title.startswith("wnplan report")
+
+
+def test_report_binarization_skips_undecided_points():
+    decided = binarization_record(0.8, 0.795, 0.79, (0.5, 1.0), (0.5, 1.0), 0.1)
+    at_chance = binarization_record(0.1, 0.1, 0.1, (0.5, 1.0), (0.5, 1.0), 0.1)
+    points = tuple({"sigma": sigma, "records": [{"binarization": test}]}
+                   for sigma, test in ((1.0, decided), (100.0, at_chance)))
+    curve = CurveData(np.array([1.0, 100.0]), np.array([0.8, 0.1]), np.zeros(2), {}, points)
+
+    sigma, test = last_binarization(curve)
+
+    assert sigma == 1.0
+    assert test["binarizes"] is True

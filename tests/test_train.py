@@ -29,7 +29,7 @@ from wnplan.noise import NoiseSpec, SiteNoise, derive_seed
 from wnplan.sweep import Trial
 from wnplan.train import TrainedEvaluator, TrainingConfig, TrainingSettings, build_twin, records, train
 from wnplan.train.layers import inject_noise, inject_noise_forward_only
-from wnplan.train.measure import evaluate_noisy
+from wnplan.train.measure import correct_counts, evaluate_noisy
 from wnplan.train.trainer import chunk_size, initial_tensors, make_optimizer, stacks_configurations
 from wnplan.train.twin import Twin
 
@@ -521,12 +521,19 @@ def test_activation_histogram_counts_non_finite():
 
 
 def test_binarization_record_flags_binary_site():
-    binarized = records.binarization_record(0.9, 0.895, 0.85, (0.5, 1.0), (0.5, 1.0))
-    lost = records.binarization_record(0.9, 0.7, 0.895, (0.5, 1.0), (0.5, 1.0))
+    binarized = records.binarization_record(0.9, 0.895, 0.85, (0.5, 1.0), (0.5, 1.0), chance=0.1)
+    lost = records.binarization_record(0.9, 0.7, 0.895, (0.5, 1.0), (0.5, 1.0), chance=0.1)
 
     assert binarized["self_binarized"] is True
     assert lost["self_binarized"] is False
     assert lost["ternary_holds"] is True
+
+
+def test_binarization_record_undecided_at_chance():
+    at_chance = records.binarization_record(0.12, 0.11, 0.1, (0.5, 1.0), (0.5, 1.0), chance=0.1)
+
+    assert at_chance["self_binarized"] is None
+    assert at_chance["ternary_holds"] is None
 
 
 class _UnusualOps(nn.Module):
@@ -628,3 +635,10 @@ def test_stacked_training_permutes_dimensions(tmp_path, train_data):
 
     for name in twin.stacked_names():
         torch.testing.assert_close(vectorized.tensors[name], alone.tensors[name], rtol=1e-4, atol=1e-5)
+
+
+def test_correct_counts_reject_non_finite_logits():
+    logits = torch.tensor([[[float("nan"), float("nan")], [2.0, 1.0]], [[float("inf"), 0.0], [0.0, 1.0]]])
+    labels = torch.tensor([0, 1])
+
+    assert correct_counts(logits, labels).tolist() == [0, 1]

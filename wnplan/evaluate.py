@@ -37,7 +37,13 @@ BATCH_BYTES = 64 << 20  # stacked suffix inputs of several trials in one run
 
 
 def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
-    return int(np.count_nonzero(np.argmax(logits, axis=1) == labels))
+    """Return how many samples the logits classify correctly.
+
+    A sample whose logits are not all finite counts as wrong: argmax would pick a NaN's
+    position, class 0 for all-NaN rows, and credit the samples labelled 0.
+    """
+    hits = (np.argmax(logits, axis=1) == labels) & np.isfinite(logits).all(axis=1)
+    return int(np.count_nonzero(hits))
 
 
 def evaluate_noisy(

@@ -19,14 +19,14 @@ from wnplan._version import __version__
 from wnplan.calibrate import reference_scales, site_statistics
 from wnplan.data import Dataset, load_data, parse_normalize
 from wnplan.errors import DataError, ModelError, SettingsError
-from wnplan.evaluate import InferenceEvaluator
+from wnplan.evaluate import InferenceEvaluator, count_correct
 from wnplan.executors import EvaluationJob, Executor, InProcessExecutor, ProcessPoolExecutor
 from wnplan.fit import fit_curve
 from wnplan.models import Model, load_model, read_declaration
 from wnplan.noise import NoiseSpec
 from wnplan.sites import select_sites
 from wnplan.store import DEFAULT_STORE, Store
-from wnplan.sweep import Curve, GridCurve, SweepContext, round_sigma, run_sweep
+from wnplan.sweep import SIGMA_MAX, Curve, GridCurve, SweepContext, round_sigma, run_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,11 @@ class ProfileSettings:
                     f"invalid --sigmas value {bad[0] if bad else '(empty)'}: expected positive "
                     + "finite numbers such as 0.01,0.1,1"
                 )
+            if max(self.sigmas) > SIGMA_MAX:
+                raise SettingsError(
+                    f"invalid --sigmas value {max(self.sigmas):g}: expected at most {SIGMA_MAX:g}, because "
+                    + "larger noise overflows float32 activations; pass smaller σ values"
+                )
 
 
 def _check_choice(option: str, value: str, allowed: Sequence[str]) -> None:
@@ -164,7 +169,7 @@ def clean_accuracy(model: Model, data: Dataset) -> tuple[int, int]:
     correct = 0
     for start in range(0, len(data), 4096):
         batch = model.run(data.x[start : start + 4096])
-        correct += int(np.count_nonzero(batch.argmax(axis=1) == data.y[start : start + 4096]))
+        correct += count_correct(batch, data.y[start : start + 4096])
     return correct, classes
 
 

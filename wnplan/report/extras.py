@@ -85,14 +85,16 @@ def last_histograms(curve: CurveData) -> tuple[float, list[Histogram]] | None:
 
 
 def last_binarization(curve: CurveData) -> tuple[float, dict[str, Any]] | None:
-    """Return (σ, self-binarization test) at the largest σ that has one, averaged over models.
+    """Return (σ, self-binarization test) at the largest σ where it decided, averaged over models.
 
     The result has `reference`, `accuracy_2_levels`, `accuracy_3_levels` (fractions) and
-    `binarizes`, which is true only when the test marks every model as binarizing.
+    `binarizes`, which is true only when the test marks every model as binarizing. Tests
+    that could not decide (models at chance with the noise, `binarizes` null) are skipped.
     """
     for point in reversed(curve.points):
         tests = [_flat_binarization(extras["binarization"]) for extras in point_records(point)
                  if isinstance(extras.get("binarization"), Mapping)]
+        tests = [test for test in tests if test.get("binarizes") is not None]
         if tests:
             merged: dict[str, Any] = {
                 key: _mean(test.get(key) for test in tests)

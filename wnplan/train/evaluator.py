@@ -128,11 +128,11 @@ class TrainedEvaluator:
             self.settings.eval_batch_size, stacks_configurations(twin, self.settings), RECORD_SAMPLES,
         )
         clean = self._accuracy_with(twin, data, configs[0].sites[0], trained.tensors, _identity, [])
-        binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation)
+        chance = 1.0 / max(2, len(np.unique(data.y)))
+        binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation, chance)
         seconds = (time.perf_counter() - started) / len(trials)
 
         total = len(data)
-        chance = 1.0 / max(2, len(np.unique(data.y)))
         _warn_diverged(trials, trained.final_loss, [count / total for count in clean], chance, self.settings.lr)
         for position, (trial, config) in enumerate(zip(trials, configs, strict=True)):
             extra = {
@@ -166,7 +166,7 @@ class TrainedEvaluator:
             stacks_configurations(twin, self.settings),
         )
 
-    def _binarization(self, twin, data, trials, configs, tensors, evaluation) -> list[dict[str, Any]] | None:
+    def _binarization(self, twin, data, trials, configs, tensors, evaluation, chance) -> list[dict[str, Any]] | None:
         """Return the self-binarization test per configuration, for one walking site."""
         if evaluation.clean_values is None:
             return None
@@ -188,7 +188,8 @@ class TrainedEvaluator:
         total = len(data)
         return [
             records.binarization_record(
-                evaluation.correct[k] / total, counts[0][k] / total, counts[1][k] / total, binary[k], ternary[k]
+                evaluation.correct[k] / total, counts[0][k] / total, counts[1][k] / total, binary[k], ternary[k],
+                chance,
             )
             for k in range(len(configs))
         ]

@@ -101,6 +101,15 @@ class NoisyEvaluation:
     noisy_values: np.ndarray | None
 
 
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Return the correct count per configuration for logits (K, N, classes) and labels (N,).
+
+    As `wnplan.evaluate.count_correct`, a sample whose logits are not all finite counts as wrong.
+    """
+    hits = (logits.argmax(dim=-1) == labels) & torch.isfinite(logits).all(dim=-1)
+    return hits.sum(dim=1).numpy()
+
+
 def evaluate_noisy(
     twin: Twin,
     levels: Sequence[Sequence[tuple[int, SiteNoise]]],
@@ -145,7 +154,7 @@ def evaluate_noisy(
         labels = torch.from_numpy(data.y[start : start + batch_size])
         arguments = [*quantizer_arguments, *_evaluation_noise(twin, levels, seeds, start, x.shape[0])]
         outputs = runner(x, arguments)
-        correct += (outputs[0].argmax(dim=-1) == labels).sum(dim=1).numpy()
+        correct += correct_counts(outputs[0], labels)
         if keep_values and recorded < record_samples:
             take = min(record_samples - recorded, x.shape[0])
             clean_parts.append(outputs[1][:, :take].numpy())
@@ -210,5 +219,5 @@ def evaluate_transformed(
         x = torch.from_numpy(data.x[start : start + batch_size])
         labels = torch.from_numpy(data.y[start : start + batch_size])
         logits = runner(x, arguments)[0]
-        correct += (logits.argmax(dim=-1) == labels).sum(dim=1).numpy()
+        correct += correct_counts(logits, labels)
     return [int(value) for value in correct]

@@ -20,6 +20,9 @@ LOG_EDGES = tuple(float(f"{10.0 ** (k / 4):.6g}") for k in range(-32, 49))
 KMEANS_ITERATIONS = 50
 # Accuracy may fall by at most this much (absolute) for a site to count as self-binarized.
 BINARIZATION_TOLERANCE = 0.01
+# The self-binarization test decides only when the reference accuracy is this far above chance:
+# at chance, quantization cannot lower the accuracy, so "within the tolerance" means nothing.
+BINARIZATION_ABOVE_CHANCE = 0.05
 
 
 def finite_or_none(value: float) -> float | None:
@@ -128,14 +131,18 @@ def binarization_record(
     ternary_accuracy: float,
     binary: tuple[float, float],
     ternary: tuple[float, float],
+    chance: float,
 ) -> dict[str, Any]:
     """Return the self-binarization test of one site of a trained model.
 
     The site's values are quantized to 2 levels {0, high} and, separately, to the 3 levels
     {−level, 0, level}, before the trial's noise is applied to them as usual. The site
     self-binarizes when the 2-level accuracy is within BINARIZATION_TOLERANCE of the
-    reference, the model's accuracy with the same noise and no quantization.
+    reference, the model's accuracy with the same noise and no quantization. When the
+    reference is less than BINARIZATION_ABOVE_CHANCE above `chance`, the test cannot decide
+    and `self_binarized` and `ternary_holds` are None.
     """
+    decided = reference_accuracy >= chance + BINARIZATION_ABOVE_CHANCE
     return {
         "reference_accuracy": reference_accuracy,
         "binary_accuracy": binary_accuracy,
@@ -146,8 +153,9 @@ def binarization_record(
         "ternary_level": finite_or_none(ternary[1]),
         "tolerance": BINARIZATION_TOLERANCE,
         "with_noise": True,
-        "self_binarized": bool(binary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE),
-        "ternary_holds": bool(ternary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE),
+        "chance": chance,
+        "self_binarized": bool(binary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE) if decided else None,
+        "ternary_holds": bool(ternary_accuracy >= reference_accuracy - BINARIZATION_TOLERANCE) if decided else None,
     }
 
 
