@@ -486,6 +486,25 @@ def test_cli_trained_dry_run_gives_no_time(capsys, workdir, digits_mlp):
     assert "estimated time" not in out
 
 
+def test_cli_dry_run_json_gives_estimate(capsys, workdir, digits_mlp):
+    code, out, _ = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--scope", "both", "--dry-run", "--json")
+
+    estimate = json.loads(out)
+    assert code == 0
+    assert estimate["trials"] == 40
+    assert estimate["samples"] == 50
+    assert estimate["estimated_seconds"] > 0
+
+
+def test_cli_trained_dry_run_checks_training_data(capsys, workdir, digits_mlp):
+    result = _profile(
+        capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--train-data", workdir / "absent.npz",
+        "--dry-run",
+    )
+
+    assert_usage_error(result, "absent.npz")
+
+
 def test_cli_trained_warns_when_training_diverges(capsys, caplog, workdir, digits_mlp):
     with caplog.at_level(logging.WARNING, logger="wnplan"):
         code, _, _ = _profile(
@@ -505,6 +524,9 @@ def test_cli_allocate_warns_on_trained_profile(capsys, caplog, workdir, digits_m
         "--train-limit", "64", "--store", "none", "--out", profile,
     )
     assert code == 0, err
+    used = json.loads(profile.read_text())["settings"]["training"]["train_data_used"]
+    assert used["name"] == "digits:train"
+    assert used["samples"] == 64
 
     with caplog.at_level(logging.WARNING, logger="wnplan"):
         code, _, err = run_cli(capsys, "allocate", profile, "--budget", "8", "--method", "paper",
@@ -525,3 +547,24 @@ def test_cli_profile_negative_workers(capsys, workdir, digits_mlp):
     result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--workers", "-1")
 
     assert_usage_error(result, "invalid --workers -1", "expected 0")
+
+
+def test_cli_profile_warns_on_unused_training_options(capsys, caplog, workdir, digits_mlp):
+    with caplog.at_level(logging.WARNING, logger="wnplan"):
+        code, _, err = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--epochs", "3", "--from-scratch")
+
+    assert code == 0, err
+    assert "--epochs, --from-scratch only apply to trained mode" in caplog.text
+
+
+def test_cli_profile_trained_rejects_training_split_as_data(capsys, workdir, digits_mlp):
+    result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--data", "digits:train")
+
+    assert_usage_error(result, "--train-data digits:train", "--data digits:test")
+    assert not (workdir / "out.json").exists()
+
+
+def test_cli_profile_missing_model_without_data(capsys, workdir):
+    result = run_cli(capsys, "profile", workdir / "absent.pt2", "--out", workdir / "out.json")
+
+    assert_usage_error(result, "model file not found")

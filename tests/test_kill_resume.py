@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wnplan.cli import INTERRUPTED_MESSAGE
 from wnplan.data import load_data
 
 KILL_ROUNDS = int(os.environ.get("WNPLAN_KILL_ROUNDS", "5"))
@@ -198,7 +199,7 @@ def test_profile_interrupted_by_ctrl_c_resumes(inputs, reference, tmp_path):
 
     assert signalled
     assert code == 130
-    assert lines == ["wnplan: error: interrupted; finished trials are kept in the store"]
+    assert lines == ["wnplan: error: " + " ".join(INTERRUPTED_MESSAGE.split())]
     assert integrity(tmp_path / "store.sqlite") == "ok"
     assert len(stored) >= TRIALS // 3
     assert (total, computed, reused) == (TRIALS, TRIALS - len(stored), len(stored))

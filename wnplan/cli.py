@@ -124,6 +124,7 @@ def _parse_sigmas(text: str | None) -> tuple[float, ...] | None:
 
 @app.command()
 def profile(
+    ctx: typer.Context,
     model: ModelArgument,
     data: Annotated[
         str | None,
@@ -226,7 +227,7 @@ def profile(
     ] = str(DEFAULT_STORE),
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore stored results and measure again.")] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the trial count and an estimated time, then stop.")
+        bool, typer.Option("--dry-run", help="Print the trial count and an estimated time (a JSON object with --json), then stop.")
     ] = False,
     threads: Annotated[
         int | None,
@@ -252,7 +253,14 @@ def profile(
     as_json: JsonOption = False,
 ) -> None:
     """Measure how much noise each site (and the whole model) tolerates; write a profile."""
-    from wnplan.profiler import Execution, ProfileSettings, count_trials, load_model_and_data
+    from wnplan.profiler import (
+        Execution,
+        ProfileSettings,
+        clean_accuracy,
+        count_trials,
+        load_model_and_data,
+        load_training_data,
+    )
     from wnplan.profiler import profile as run_profile
 
     _set_threads(threads)
@@ -279,21 +287,32 @@ def profile(
         ),
         train_data=train_data,
     )
+    if mode == "inference":
+        _warn_unused_training_options(ctx)
     _set_device(device, model.suffix.lower().lstrip("."))
     if dry_run:
         loaded, dataset = load_model_and_data(model, data, normalize, limit, factory, trust)
         trials, exact = count_trials(loaded, settings)
         approx = "" if exact else "about "
+        estimate = {"trials": trials, "exact": exact, "samples": len(dataset), "estimated_seconds": None}
         if settings.mode != "inference":
+            import numpy as np
+
+            _, classes = clean_accuracy(loaded, dataset.subset(np.arange(min(len(dataset), 64)), ":dry-run"))
+            load_training_data(settings, dataset, normalize, classes)
             # NOTE: the estimate times one forward pass per trial and cannot predict training time.
-            training = settings.training
-            stdout.print(
-                f"{approx}{trials} trials on {len(dataset)} samples; each trained model trains {training.epochs} "
-                + "epoch(s) first, which this estimate leaves out, so no time is given"
+            message = (
+                f"{approx}{trials} trials on {len(dataset)} samples; each trained model trains "
+                + f"{settings.training.epochs} epoch(s) first, which this estimate leaves out, so no time is given"
             )
-            return
-        seconds = _estimate_seconds(loaded, dataset) * trials
-        stdout.print(f"{approx}{trials} trials on {len(dataset)} samples; estimated time {approx}{seconds:.0f} s")
+        else:
+            seconds = _estimate_seconds(loaded, dataset) * trials
+            estimate["estimated_seconds"] = seconds
+            message = f"{approx}{trials} trials on {len(dataset)} samples; estimated time {approx}{seconds:.0f} s"
+        if as_json:
+            stdout.print_json(json.dumps(estimate))
+        else:
+            stdout.print(message)
         return
 
     with _progress("profiling") as advance:
@@ -337,6 +356,26 @@ def _training_settings(
         device=device if mode != "inference" else "cpu",
     )
     return None if mode == "inference" else settings
+
+
+# Options that only trained mode reads, by their parameter names in `profile`.
+TRAINING_PARAMETERS = (
+    "train_data", "train_limit", "epochs", "lr", "batch_size", "optimizer", "schedule", "from_scratch",
+    "clamp_weights", "grad",
+)
+
+
+def _warn_unused_training_options(ctx: typer.Context) -> None:
+    """Log a warning naming the training options given on the command line of an inference-only profile."""
+    passed = [
+        f"--{name.replace('_', '-')}" for name in TRAINING_PARAMETERS
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+    ]
+    if passed:
+        logger.warning(
+            "%s only apply to trained mode and are ignored; pass --mode trained or --mode both to train",
+            ", ".join(passed),
+        )
 
 
 def _estimate_seconds(loaded, dataset) -> float:
@@ -699,6 +738,12 @@ class _progress:
         self._bar.stop()
 
 
+INTERRUPTED_MESSAGE = (
+    "interrupted; finished trials are kept in the store, and the same command resumes from them "
+    + "(with --store none, nothing was kept)"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn bad input into one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
@@ -709,18 +754,18 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exit_request:
         sys.exit(exit_request.exit_code)
     except typer.Abort:
-        _fail("interrupted; finished trials are kept in the store", code=130)
+        _fail(INTERRUPTED_MESSAGE, code=130)
     except TyperException as error:
         if type(error).__name__ == "NoArgsIsHelpError":
             print(error.format_message())
             sys.exit(0)
         _fail(error.format_message())
     except KeyboardInterrupt:
-        _fail("interrupted; finished trials are kept in the store", code=130)
+        _fail(INTERRUPTED_MESSAGE, code=130)
     # Without standalone mode, an Exit raised inside a command comes back as its code.
     code = code if isinstance(code, int) else 0
     if code == 130:
-        _fail("interrupted; finished trials are kept in the store", code=130)
+        _fail(INTERRUPTED_MESSAGE, code=130)
     sys.exit(code)
 
 

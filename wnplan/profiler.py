@@ -124,6 +124,8 @@ def resolve_data(
 ) -> Dataset:
     """Load `data`, or the data the model file declares when `data` is None."""
     if data is None:
+        if not Path(model_path).exists():
+            raise ModelError(f"model file not found: {str(model_path)!r}")
         declaration = read_declaration(model_path)
         if declaration is None:
             raise DataError(
@@ -279,6 +281,7 @@ def profile(
     modes = ("inference", "trained") if settings.mode == "both" else (settings.mode,)
     measured: dict[str, tuple[list[Curve], Curve | None, list[GridCurve]]] = {}
     totals = {"total": 0, "computed": 0, "reused": 0}
+    train_data: Dataset | None = None
     for mode in modes:
         trained = mode == "trained"
         if settings.maps:
@@ -290,6 +293,8 @@ def profile(
             maps = []
         curves = walking + ([global_curve] if global_curve else []) + maps
         make = _trained_evaluator(settings, dataset, normalize, classes) if trained else None
+        if make is not None:
+            train_data = make.train_data
         if trained and (execution.workers or execution.ray):
             raise SettingsError("trained mode runs in this process; drop --workers and --ray")
         counts = _measure(
@@ -299,7 +304,7 @@ def profile(
             totals[key] += counts[key]
         measured[mode] = (walking, global_curve, maps)
 
-    record = _profile_record(loaded, dataset, settings, statistics, correct, classes, measured)
+    record = _profile_record(loaded, dataset, settings, statistics, correct, classes, measured, train_data)
     logger.info(
         "profile done: %d trials (%d computed, %d from the store) in %.1f s",
         totals["total"],
@@ -315,10 +320,29 @@ def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: s
     """Return a function that builds the trained-mode evaluator for a loaded model.
 
     Raises:
+        DataError: the training data do not fit the model (see `load_training_data`).
+    """
+    from wnplan.train.evaluator import TrainedEvaluator
+    from wnplan.train.trainer import TrainingSettings
+
+    training = settings.training or TrainingSettings()
+    train_data = load_training_data(settings, dataset, normalize, classes)
+
+    def make(model: Model, scales, seed_of) -> TrainedEvaluator:
+        return TrainedEvaluator(model, train_data, dataset, settings.noise, scales, seed_of, training)
+
+    make.train_data = train_data  # recorded in the profile
+    return make
+
+
+def load_training_data(settings: ProfileSettings, dataset: Dataset, normalize: str | None, classes: int) -> Dataset:
+    """Load trained mode's training data: `--train-data`, or the training split of the evaluation data.
+
+    Raises:
+        SettingsError: no training data was given and the evaluation data has no training split.
         DataError: the training samples differ in shape from the evaluation samples, or their
             labels exceed the model's classes.
     """
-    from wnplan.train.evaluator import TrainedEvaluator
     from wnplan.train.trainer import TrainingSettings
 
     training = settings.training or TrainingSettings()
@@ -337,12 +361,7 @@ def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: s
             f"training labels of {train_spec!r} range from {int(train_data.y.min())} to {int(train_data.y.max())}, "
             + f"but the model outputs {classes} classes (labels 0 to {classes - 1}); pass matching --train-data"
         )
-
-    def make(model: Model, scales, seed_of) -> TrainedEvaluator:
-        return TrainedEvaluator(model, train_data, dataset, settings.noise, scales, seed_of, training)
-
-    make.train_data = train_data  # recorded in the profile
-    return make
+    return train_data
 
 
 def training_split(name: str) -> str:
@@ -350,6 +369,11 @@ def training_split(name: str) -> str:
     base, _, split = name.partition(":")
     if base in ("fashion-mnist", "digits") and split in ("", "test"):
         return f"{base}:train"
+    if base in ("fashion-mnist", "digits"):
+        raise SettingsError(
+            f"trained mode would train on the evaluation data {name!r}; pass --train-data {base}:train "
+            + f"and evaluate on --data {base}:test, or pass --train-data explicitly"
+        )
     raise SettingsError(
         f"trained mode needs training data and {name!r} has no built-in training split; pass --train-data"
     )
@@ -437,6 +461,7 @@ def _profile_record(
     correct: int,
     classes: int,
     measured: dict[str, tuple[list[Curve], Curve | None, list[GridCurve]]],
+    train_data: Dataset | None = None,
 ) -> dict[str, Any]:
     """Build the profile record.
 
@@ -500,18 +525,20 @@ def _profile_record(
         "global": global_record,
     }
     if settings.mode != "inference":
-        record["settings"]["training"] = _training_record(settings)
+        record["settings"]["training"] = _training_record(settings, train_data)
     all_maps = [grid.record() | {"mode": mode} for mode, (_, _, grids) in measured.items() for grid in grids]
     if all_maps:
         record["maps"] = all_maps
     return record
 
 
-def _training_record(settings: ProfileSettings) -> dict[str, Any]:
+def _training_record(settings: ProfileSettings, train_data: Dataset | None) -> dict[str, Any]:
+    """Return the training settings, and the training data as used (None when nothing was trained)."""
     from wnplan.train.trainer import TrainingSettings
 
     return {
         "train_data": settings.train_data,
+        "train_data_used": None if train_data is None else train_data.describe(),
         "settings": (settings.training or TrainingSettings()).to_dict(),
     }
 
