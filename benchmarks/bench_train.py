@@ -26,13 +26,15 @@ Usage:
 The default configurations are the size of one round of a trained-mode curve: 8 σ values
 × 3 seeds = 24. The default thread count is torch's, all cores, as `wnplan profile` uses.
 
-Writes train.json and train.md to --out and prints the table. `--profile` adds the top
+Writes train.json and train.md to --out and prints the table. Models this run does not measure
+keep their earlier results in those files, each with the date and machine of its own run. `--profile` adds the top
 operators of one vectorized and one one-by-one run of each model (torch.profiler) to the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -181,21 +183,23 @@ def _times(run: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     columns = [
-        "model", "configs", "steps", "train vectorized (s)", "train one by one (s)", "train ratio",
-        "total vectorized (s)", "total one by one (s)", "total ratio", "max Δ accuracy",
+        "model", "configs", "steps", "train vectorized (CPU s)", "train one by one (CPU s)", "train ratio (CPU)",
+        "train ratio (wall)", "total vectorized (CPU s)", "total one by one (CPU s)", "total ratio (CPU)",
+        "max Δ accuracy", "measured (UTC)", "threads",
     ]
     lines = [_row(columns), _row(["---"] * len(columns))]
     for result in results:
         vectorized, alone, ratio = result["vectorized"], result["one_by_one"], result["ratio"]
         lines.append(_row([
             f"{result['model']} ({result['site']['name']})", result["configurations"], result["steps"],
-            vectorized["train"]["cpu"], alone["train"]["cpu"], f"{ratio['train_cpu']}×",
+            vectorized["train"]["cpu"], alone["train"]["cpu"], f"{ratio['train_cpu']}×", f"{ratio['train_wall']}×",
             vectorized["total"]["cpu"], alone["total"]["cpu"], f"{ratio['total_cpu']}×",
-            f"{result['max_accuracy_difference']:.4f}",
+            f"{result['max_accuracy_difference']:.4f}", result["run"]["date"],
+            result["run"]["machine"]["torch_threads"],
         ]))
     lines.append("")
-    lines.append("Fastest of the repeated runs, in CPU seconds (time.process_time); wall-clock figures and")
-    lines.append("every run are in train.json.")
+    lines.append("Fastest of the repeated runs. CPU seconds (time.process_time) count every thread; wall-clock")
+    lines.append("times and every run are in train.json.")
     return "\n".join(lines) + "\n"
 
 
@@ -238,22 +242,45 @@ def main(argv: list[str] | None = None) -> None:
         measure_model(name, *sizes, arguments.profile, print, sigmas, arguments.seeds)
         for name in arguments.models.split(",")
     ]
-    table = markdown_table(results)
-    record = {
-        "benchmark": "vectorized noise-aware training versus one by one",
+    run = {
+        "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": started,
         "load_average_after": list(os.getloadavg()),
         "noise": {"kind": "additive", "sigmas": list(sigmas), "seeds": arguments.seeds},
         "train_samples": arguments.train_samples,
         "eval_samples": arguments.eval_samples,
         "repeats": arguments.repeats,
-        "results": results,
-        "table": table,
     }
+    for result in results:
+        result["run"] = run
+    merged = merged_results(arguments.out / "train.json", results)
+    table = markdown_table(merged)
+    record = {"benchmark": "vectorized noise-aware training versus one by one", "results": merged, "table": table}
     arguments.out.mkdir(parents=True, exist_ok=True)
-    (arguments.out / "train.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    (arguments.out / "train.md").write_text(table)
+    for name, text in (("train.json", json.dumps(record, indent=2, sort_keys=True) + "\n"), ("train.md", table)):
+        temporary = arguments.out / f".{name}.tmp"
+        temporary.write_text(text)
+        temporary.replace(arguments.out / name)
     print(table)
+
+
+def merged_results(path: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the new results, plus the earlier results in `path` of models this run did not measure.
+
+    Each result keeps its own `run` (date, machine, sizes), so a table that mixes runs says so.
+    """
+    measured = {result["model"] for result in results}
+    earlier: list[dict[str, Any]] = []
+    if path.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            earlier = [result for result in json.loads(path.read_text())["results"]
+                       if result["model"] not in measured and "run" in result]
+    order = [file_name for file_name, _ in MODELS.values()]
+    return sorted(earlier + results, key=lambda result: _position(order, result["model"]))
+
+
+def _position(order: list[str], model: str) -> int:
+    return order.index(model) if model in order else len(order)
 
 
 if __name__ == "__main__":
