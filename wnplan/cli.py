@@ -195,13 +195,13 @@ def profile(
     screen_samples: Annotated[
         int,
         typer.Option(
-            help="Adaptive grid: locate each curve's fall on this many evenly spread samples first; 0 uses all data."
+            help="Adaptive grid, inference curves: locate each curve's fall on this many evenly spread samples first; 0 uses all data."
         ),
     ] = 1000,
     target_error: Annotated[
         float,
         typer.Option(
-            help="Adaptive grid: add repeats near µ until its sampling error (the standard error without the fit's "
+            help="Adaptive grid, inference curves: add repeats near µ until its sampling error (the standard error without the fit's "
             + "misfit factor) is below this fraction of µ; 0 turns it off."
         ),
     ] = 0.05,

@@ -112,7 +112,10 @@ class TrainedEvaluator:
         _check_group(trials)
         twin = self.twin
         size = chunk_size(twin, self.settings, len(trials))
-        logger.info("training %d models at sites %s in chunks of %d", len(trials), list(trials[0].sites), size)
+        logger.info(
+            "training %d models at sites %s in chunks of %d, %s", len(trials), list(trials[0].sites), size,
+            "stacked" if stacks_configurations(twin, self.settings) else "one by one",
+        )
         for chunk in _chunks(trials, size):
             yield from self._run_chunk(twin, chunk, [self.config_of(trial) for trial in chunk])
 
