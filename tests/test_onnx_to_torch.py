@@ -1,24 +1,33 @@
-"""Tests of the ONNX → torch.fx converter that trained mode uses.
+"""Tests of the ONNX → torch.fx converter that trained mode uses, and of ONNX twins.
 
 Each operator is checked on a tiny graph built with onnx.helper, against onnxruntime's
 output for the same random input (seed 0), within 1e-5 absolute and relative tolerance
 (float32 kernels of the two runtimes differ in summation order). The stacked form of each
 converted graph (two identical configurations) must give the same output.
+
+Further tests check which initializers become trainable, and that ONNX models trained mode
+cannot use fail with one ModelError line on the command line (digits data, tiny limits).
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import assert_usage_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from wnplan.errors import ModelError
+from wnplan.models import load_model
 from wnplan.train.layers import inject_noise
 from wnplan.train.onnx_to_torch import SUPPORTED_OPS, convert_onnx
-from wnplan.train.twin import Twin
+from wnplan.train.twin import TensorRole, Twin, build_twin
 
 TOLERANCE = 1e-5
 SEED = 0
@@ -98,6 +107,12 @@ CASES = [
     ("MatMul-Add", [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
      [3, 6], [3, 5], [("w", W_GEMM.T.copy()), ("b", B_GEMM)], 17),
     ("MatMul-3d", [helper.make_node("MatMul", ["x", "w"], ["y"])], [2, 3, 6], [2, 3, 5], [("w", W_GEMM.T.copy())], 17),
+    ("MatMul-left-weight", [helper.make_node("MatMul", ["w", "x"], ["y"])], [6, 3], [5, 3], [("w", W_GEMM)], 17),
+    ("Gemm-left-weight", [helper.make_node("Gemm", ["w", "x", "b"], ["y"], transA=1)], [6, 3], [5, 3],
+     [("w", W_GEMM.T.copy()), ("b", B_GEMM.reshape(5, 1))], 17),
+    ("MatMul-transposed-weight", [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+                                  helper.make_node("MatMul", ["x", "wt"], ["y"])],
+     [3, 6], [3, 5], [("w", W_GEMM)], 17),
     ("BatchNormalization", [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3)],
      [2, 3, 4, 4], [2, 3, 4, 4],
      [("s", _random(3)), ("b", _random(3)), ("m", _random(3)), ("v", np.abs(_random(3)) + 0.5)], 17),
@@ -230,3 +245,216 @@ def test_converter_leaves_proto_unchanged():
         for parameter in converted.module.parameters():
             parameter.add_(1.0)
     assert model.SerializeToString() == before
+
+
+# --- trained initializers ---
+
+
+def _parameter_grads(converted, x: np.ndarray) -> dict[str, torch.Tensor | None]:
+    """Backpropagate the sum of the converted graph's output; return each parameter's gradient."""
+    module = converted.module.train()
+    module(torch.from_numpy(x))[0].sum().backward()
+    return {name: parameter.grad for name, parameter in module.named_parameters()}
+
+
+@pytest.mark.parametrize("case", ["MatMul-left-weight", "Gemm-left-weight"])
+def test_converter_trains_left_operand_weight(case):
+    _, nodes, input_shape, output_shape, initializers, opset = next(entry for entry in CASES if entry[0] == case)
+    converted = convert_onnx(_model(nodes, input_shape, output_shape, initializers, opset))
+    grads = _parameter_grads(converted, _random(*input_shape))
+
+    assert converted.roles["w"] == TensorRole("weight", 6, "w")
+    assert set(grads) == {name for name, _ in initializers}
+    assert all(grad is not None and float(grad.abs().sum()) > 0 for grad in grads.values())
+
+
+def test_converter_trains_weights_through_layout_ops():
+    # w1 reaches the first MatMul through Transpose; w2 (flat) through Identity and Reshape.
+    nodes = [
+        helper.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w1t"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["a"]),
+        helper.make_node("Identity", ["w2"], ["w2i"]),
+        helper.make_node("Reshape", ["w2i", "shape"], ["w2r"]),
+        helper.make_node("MatMul", ["a", "w2r"], ["y"]),
+    ]
+    initializers = [("w1", W_GEMM), ("b1", B_GEMM), ("w2", _random(15)), ("shape", np.array([5, 3], np.int64))]
+    model = _model(nodes, [4, 6], [4, 3], initializers)
+    x = _random(4, 6)
+    converted = convert_onnx(model)
+    with torch.no_grad():
+        output = converted.module.eval()(torch.from_numpy(x))[0].numpy()
+    grads = _parameter_grads(converted, x)
+
+    np.testing.assert_allclose(output, _onnxruntime(model, x), rtol=TOLERANCE, atol=TOLERANCE)
+    assert converted.roles["w1"] == TensorRole("weight", 6, "w1")
+    assert converted.roles["b1"].kind == "bias"
+    assert converted.roles["w2"] == TensorRole("weight", 5, "w2")
+    assert set(grads) == {"w1", "b1", "w2"}
+    assert all(grad is not None and float(grad.abs().sum()) > 0 for grad in grads.values())
+    assert converted.frozen == ()
+
+
+def test_converter_reports_computed_weight_as_frozen():
+    nodes = [helper.make_node("Mul", ["w", "scale"], ["ws"]), helper.make_node("MatMul", ["x", "ws"], ["y"])]
+    initializers = [("w", W_GEMM.T.copy()), ("scale", np.array(0.5, np.float32))]
+    converted = convert_onnx(_model(nodes, [3, 6], [3, 5], initializers))
+
+    assert dict(converted.module.named_parameters()) == {}
+    assert len(converted.frozen) == 1
+    assert "'ws'" in converted.frozen[0]
+    assert "['scale', 'w']" in converted.frozen[0]
+
+
+def test_converter_makes_double_model_float32():
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [3, 5])],
+        [numpy_helper.from_array(W_GEMM.T.astype(np.float64), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = _random(3, 6)
+    converted = convert_onnx(model)
+    with torch.no_grad():
+        output = converted.module.eval()(torch.from_numpy(x))[0]
+
+    assert converted.module.w.dtype == torch.float32
+    assert output.dtype == torch.float32
+    np.testing.assert_allclose(output.numpy(), _onnxruntime(model, x.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
+# --- twins of loaded ONNX models, and the command line ---
+
+FLAT = 28 * 28
+
+
+def _digits_model(path: Path, nodes, initializers, batch: int | str = "N", inputs=("input",)) -> Path:
+    """Save an ONNX model that reads digits images (batch, 1, 28, 28) and returns 10 scores."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "flat_shape"], ["flat"]), *nodes],
+        "digits",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, 1, 28, 28]) for name in inputs],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        [numpy_helper.from_array(value, name) for name, value in initializers],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _flat_shape(batch: int = -1) -> tuple[str, np.ndarray]:
+    return ("flat_shape", np.array([batch, FLAT], np.int64))
+
+
+W_DIGITS = np.random.default_rng(SEED).normal(0.0, 0.05, (10, FLAT)).astype(np.float32)
+TRAINED_OPTIONS = [
+    "--mode", "trained", "--data", "digits", "--scope", "walking", "--sigmas", "1", "--repeats", "1",
+    "--train-limit", "20", "--limit", "20", "--batch-size", "10", "--threads", "1", "--store", "none",
+]
+
+
+def test_build_twin_rejects_graph_without_trainable_tensor(tmp_path):
+    nodes = [helper.make_node("Mul", ["w", "scale"], ["ws"]), helper.make_node("Gemm", ["flat", "ws"], ["logits"],
+                                                                              transB=1)]
+    path = _digits_model(tmp_path / "frozen.onnx", nodes,
+                         [_flat_shape(), ("w", W_DIGITS), ("scale", np.array(2.0, np.float32))])
+
+    with pytest.raises(ModelError, match="nothing to train") as error:
+        build_twin(load_model(path))
+    assert "'ws'" in str(error.value)
+    assert "--mode inference" in str(error.value)
+
+
+def test_build_twin_warns_about_frozen_weight(tmp_path, caplog):
+    nodes = [
+        helper.make_node("MatMul", ["flat", "w1"], ["hidden"]),
+        helper.make_node("Mul", ["w2", "scale"], ["w2s"]),
+        helper.make_node("MatMul", ["hidden", "w2s"], ["logits"]),
+    ]
+    initializers = [_flat_shape(), ("w1", W_DIGITS.T[:, :8].copy()), ("w2", _random(8, 10)),
+                    ("scale", np.array(2.0, np.float32))]
+    path = _digits_model(tmp_path / "partly_frozen.onnx", nodes, initializers)
+
+    with caplog.at_level(logging.WARNING, logger="wnplan.train.onnx_to_torch"):
+        twin = build_twin(load_model(path))
+    assert twin.trainable_names() == ["w1"]
+    assert any("'w2s'" in record.getMessage() and "fixed" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(("batch", "cause"), [(1, "fixed batch size of 1"), ("N", "a node fixes the batch size")])
+def test_build_twin_fixed_batch_raises_without_output(tmp_path, capfd, batch, cause):
+    path = _digits_model(tmp_path / "fixed.onnx", [helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)],
+                         [_flat_shape(1), ("w", W_DIGITS)], batch=batch)
+    model = load_model(path)
+    capfd.readouterr()
+
+    with pytest.raises(ModelError, match="fails on a batch of 2") as error:
+        build_twin(model)
+    assert cause in str(error.value)
+    assert "dynamic batch dimension" in str(error.value)
+    assert capfd.readouterr().err == ""
+
+
+def test_twin_rejects_site_without_leading_batch(tmp_path):
+    # The left-operand MatMul's output (10, N) has the samples in its second dimension.
+    nodes = [
+        helper.make_node("Transpose", ["flat"], ["flat_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["w", "flat_t"], ["scores_t"]),
+        helper.make_node("Transpose", ["scores_t"], ["logits"], perm=[1, 0]),
+    ]
+    model = load_model(_digits_model(tmp_path / "left.onnx", nodes, [_flat_shape(), ("w", W_DIGITS)]))
+    twin = build_twin(model)
+    index = next(site.index for site in model.sites if site.name == "scores_t")
+
+    assert twin.trainable_names() == ["w"]
+    assert set(twin.site_errors) == {index}
+    twin.site_module([0], inject_noise, 2)
+    with pytest.raises(ModelError, match="samples in the first dimension"):
+        twin.site_module([index], inject_noise, 2)
+    with pytest.raises(ModelError, match="scores_t"):
+        twin.stacked_site_module([index], inject_noise, 2)
+
+
+def test_onnx_model_rejects_two_inputs(tmp_path):
+    path = _digits_model(tmp_path / "two.onnx", [helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)],
+                         [_flat_shape(), ("w", W_DIGITS)], inputs=("input", "extra"))
+
+    with pytest.raises(ModelError, match="exactly one input") as error:
+        load_model(path)
+    assert "['input', 'extra']" in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["sites", "profile"])
+def test_cli_two_input_model_is_usage_error(tmp_path, capsys, command):
+    path = _digits_model(tmp_path / "two.onnx", [helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)],
+                         [_flat_shape(), ("w", W_DIGITS)], inputs=("input", "extra"))
+    out = tmp_path / "profile.json"
+    arguments = ["profile", path, *TRAINED_OPTIONS, "--out", out] if command == "profile" else ["sites", path]
+
+    assert_usage_error(run_cli(capsys, *arguments), "exactly one input", "'extra'")
+    assert not out.exists()
+
+
+def test_cli_trained_fixed_batch_is_one_line(tmp_path, capsys):
+    path = _digits_model(tmp_path / "fixed.onnx", [helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)],
+                         [_flat_shape(1), ("w", W_DIGITS)], batch=1)
+    out = tmp_path / "profile.json"
+
+    assert_usage_error(run_cli(capsys, "profile", path, *TRAINED_OPTIONS, "--out", out), "fixed batch size of 1")
+    assert not out.exists()
+
+
+def test_cli_trained_transposed_weight_records_it(tmp_path, capsys):
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["flat", "wt"],
+                                                                                         ["logits"])]
+    path = _digits_model(tmp_path / "transposed.onnx", nodes, [_flat_shape(), ("w", W_DIGITS)])
+    out = tmp_path / "profile.json"
+
+    code, _, err = run_cli(capsys, "profile", path, *TRAINED_OPTIONS, "--sites", "1", "--out", out)
+    assert code == 0, err
+    site = json.loads(out.read_text())["sites"][1]
+    assert list(site["walking"]["points"][1]["records"]["weights"]) == ["w"]

@@ -50,7 +50,9 @@ MAX_PROBE_VALUES = 1 << 26
 
 
 class OnnxModel(Model):
-    """An ONNX classifier: its first graph input is the samples, its scores a float output.
+    """An ONNX classifier: its one graph input is the samples, its scores a float output.
+
+    Graph inputs that are also initializers are defaults, not inputs, so they are allowed.
 
     The class scores are the first output, or the first floating-point output when the first
     one is not (for example a classifier whose first output is the predicted label). With
@@ -94,6 +96,12 @@ class OnnxModel(Model):
         inputs = [value for value in graph.input if value.name not in initializers]
         if not inputs or not graph.output:
             raise ModelError(f"{path}: the ONNX graph needs at least one input and one output")
+        if len(inputs) > 1:
+            names = [value.name for value in inputs]
+            raise ModelError(
+                f"{path}: the model has {len(inputs)} inputs {names}, but wnplan needs a model with exactly " +
+                "one input (the samples); export it with the other inputs as initializers or constants"
+            )
         self._input = inputs[0]
         self._input_dtype = self._float_type(self._input, "input")
         self._choose_scores_output()

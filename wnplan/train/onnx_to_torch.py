@@ -4,13 +4,17 @@ The converter covers the operators that image classifiers use (SUPPORTED_OPS) an
 any other operator by name. Initializers become tensors of the GraphModule:
 
 - trainable nn.Parameters: Conv weights and biases, Gemm and MatMul weights (the constant
-  operand), Gemm's C, the constant operand of an Add that follows a Gemm, MatMul or Conv
-  (a bias), and BatchNormalization's scale and shift;
+  operand, on either side), Gemm's C, the constant operand of an Add that follows a Gemm,
+  MatMul or Conv (a bias), and BatchNormalization's scale and shift. An initializer that
+  reaches these operands through layout operators (Transpose, Reshape, ...) is trained too;
+  `wnplan.train.onnx_roles` states the rules;
 - buffers: BatchNormalization running statistics (trained state), and every other
   initializer or Constant (kept fixed).
 
 Tensors keep their ONNX layout, so the twin's weights read as the file's weights.
-BatchNormalization becomes a `BatchNormSwitch`, which trains with batch statistics.
+Floating-point initializers and Constants of type double or float16 become float32, because
+the twin computes in float32. BatchNormalization becomes a `BatchNormSwitch`, which trains
+with batch statistics.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from wnplan.errors import ModelError
 from wnplan.models import Model
 from wnplan.train import onnx_ops
 from wnplan.train.layers import BatchNormSwitch, conv
-from wnplan.train.twin import BATCH_NORM_KINDS, TensorRole, Twin
+from wnplan.train.onnx_roles import constant_value, plan_roles
+from wnplan.train.twin import TRAINABLE_KINDS, TensorRole, Twin
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ SUPPORTED_OPS = (
 )
 ONNX_DOMAINS = ("", "ai.onnx")
 DEFAULT_BATCH_NORM_MOMENTUM = 0.9  # ONNX's weight of the old running value
+WIDENED_FLOAT_TYPES = (np.float64, np.float16)  # converted to float32
 
 
 @dataclass
@@ -53,6 +59,8 @@ class ConvertedGraph:
         output_node: the node of the first graph output.
         tensor_nodes: the fx node of each ONNX tensor name.
         roles: role of each trained tensor, by attribute name in `module`.
+        frozen: descriptions of layer weights that are computed from initializers by
+            operators other than layout operators, so the twin keeps them fixed.
     """
 
     module: fx.GraphModule
@@ -60,14 +68,32 @@ class ConvertedGraph:
     output_node: fx.Node
     tensor_nodes: dict[str, fx.Node]
     roles: dict[str, TensorRole]
+    frozen: tuple[str, ...] = ()
 
 
 def twin_from_onnx(model: Model) -> Twin:
-    """Build the twin of an OnnxModel; its sites map through their tensor names."""
+    """Build the twin of an OnnxModel; its sites map through their tensor names.
+
+    Raises:
+        ModelError: the graph cannot be converted, a site has no value in the converted
+            graph, or the graph has no tensor to train.
+    """
     converted = convert_onnx(model.proto, str(model.path))
     missing = [site.name for site in model.sites if site.name not in converted.tensor_nodes]
     if missing:
         raise ModelError(f"{model.path}: sites {missing[:3]} have no value in the converted graph")
+    if not any(role.kind in TRAINABLE_KINDS for role in converted.roles.values()):
+        frozen = "".join(f"; {description}" for description in converted.frozen)
+        rules = (
+            "the converter trains Conv, Gemm and MatMul weights and biases and BatchNormalization scales " +
+            "and shifts that are initializers (directly or through layout operators such as Transpose)"
+        )
+        raise ModelError(
+            f"{model.path}: trained mode found nothing to train: {rules}, and this graph has none{frozen}; " +
+            "profile the model with --mode inference"
+        )
+    for description in converted.frozen:
+        logger.warning("%s: %s; trained mode keeps it fixed", model.path, description)
     return Twin(
         module=converted.module,
         input_node=converted.input_node,
@@ -91,6 +117,7 @@ def convert_onnx(proto: onnx.ModelProto, source: str = "the ONNX model") -> Conv
     """
     graph = proto.graph
     _check_operators(graph, source)
+    _log_input_type(graph, source)
     opset = next((entry.version for entry in proto.opset_import if entry.domain in ONNX_DOMAINS), 1)
     builder = _Builder(graph, opset, source)
     for node in graph.node:
@@ -111,6 +138,21 @@ def _check_operators(graph: onnx.GraphProto, source: str) -> None:
         raise ModelError(f"{problem}; the converter supports only {supported}; {advice}")
 
 
+def _log_input_type(graph: onnx.GraphProto, source: str) -> None:
+    initializers = {init.name for init in graph.initializer}
+    for value in graph.input:
+        kind = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else None
+        if value.name not in initializers and kind in (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            logger.info(
+                "%s: the input %r has type %s; the trainable copy converts the model's tensors to float32",
+                source, value.name, onnx.TensorProto.DataType.Name(kind),
+            )
+
+
+def _as_float32(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.float32) if value.dtype in WIDENED_FLOAT_TYPES else value
+
+
 @dataclass
 class _Builder:
     onnx_graph: onnx.GraphProto
@@ -122,12 +164,14 @@ class _Builder:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     roles: dict[str, TensorRole] = field(default_factory=dict)
     attribute_names: dict[str, str] = field(default_factory=dict)
-    producers: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.constants = {init.name: numpy_helper.to_array(init).copy() for init in self.onnx_graph.initializer}
-        self.producers = {output: node.op_type for node in self.onnx_graph.node for output in node.output}
-        self.planned = _plan_roles(self.onnx_graph, self.constants, self.producers)
+        self.constants = {
+            init.name: _as_float32(numpy_helper.to_array(init).copy()) for init in self.onnx_graph.initializer
+        }
+        plan = plan_roles(self.onnx_graph, self.constants, self.source)
+        self.planned, self.frozen = plan.roles, plan.frozen
         inputs = [value for value in self.onnx_graph.input if value.name not in self.constants]
         if not inputs or not self.onnx_graph.output:
             raise ModelError(f"{self.source}: the ONNX graph needs an input and an output")
@@ -151,7 +195,7 @@ class _Builder:
         self.graph.output((output,))
         self.graph.lint()
         module = fx.GraphModule(self.root, self.graph)
-        return ConvertedGraph(module, self.input_node, output, dict(self.env), self.roles)
+        return ConvertedGraph(module, self.input_node, output, dict(self.env), self.roles, self.frozen)
 
     # -- values -------------------------------------------------------------------------
 
@@ -162,7 +206,7 @@ class _Builder:
         if name not in self.env:
             if name not in self.constants:
                 raise ModelError(f"{self.source}: tensor {name!r} is read before it is produced")
-            self.env[name] = self.graph.get_attr(self._register(name))
+            self.env[name] = self.graph.get_attr(self._register(self.aliases.get(name, name)))
         return self.env[name]
 
     def static(self, name: str, node: onnx.NodeProto, description: str) -> np.ndarray:
@@ -195,55 +239,6 @@ class _Builder:
 
     def call(self, function: Callable, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(function, args, kwargs)
-
-
-def _plan_roles(graph: onnx.GraphProto, constants: dict, producers: dict) -> dict[str, TensorRole]:
-    """Decide which initializers are trained, from the operators that read them."""
-    aliases = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
-
-    def source(name: str) -> str:
-        while name in aliases:
-            name = aliases[name]
-        return name
-
-    roles: dict[str, TensorRole] = {}
-
-    def assign(name: str, kind: str, fan_in: int = 0) -> None:
-        name = source(name)
-        if name in constants and name not in roles:
-            roles[name] = TensorRole(kind, fan_in, name)
-
-    for node in graph.node:
-        inputs = list(node.input)
-        if node.op_type == "Conv" and source(inputs[1]) in constants:
-            fan_in = int(np.prod(constants[source(inputs[1])].shape[1:]))
-            assign(inputs[1], "weight", fan_in)
-            if len(inputs) > 2 and inputs[2]:
-                assign(inputs[2], "bias", fan_in)
-        elif node.op_type == "Gemm" and source(inputs[1]) in constants:
-            trans_b = any(attribute.name == "transB" and attribute.i for attribute in node.attribute)
-            shape = constants[source(inputs[1])].shape
-            fan_in = int(shape[1] if trans_b else shape[0])
-            assign(inputs[1], "weight", fan_in)
-            if len(inputs) > 2 and inputs[2]:
-                assign(inputs[2], "bias", fan_in)
-        elif node.op_type == "MatMul" and source(inputs[1]) in constants:
-            shape = constants[source(inputs[1])].shape
-            assign(inputs[1], "weight", int(shape[-2]) if len(shape) >= 2 else 0)
-        elif node.op_type == "Add":
-            _assign_bias(inputs, constants, producers, source, assign, roles)
-        elif node.op_type == "BatchNormalization":
-            for name, kind in zip(inputs[1:5], BATCH_NORM_KINDS, strict=False):
-                assign(name, kind)
-    return roles
-
-
-def _assign_bias(inputs, constants, producers, source, assign, roles) -> None:
-    """Mark the constant operand of an Add after a Gemm, MatMul or Conv as that layer's bias."""
-    for constant, other in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
-        if source(constant) in constants and producers.get(other) in ("MatMul", "Gemm", "Conv"):
-            assign(constant, "bias", 0)
-            return
 
 
 def _safe_name(name: str) -> str:
@@ -411,24 +406,16 @@ def _concat(builder, node, attributes):
 
 def _constant(builder, node, attributes):
     # The value becomes a buffer only when an operator reads it as a tensor (see _Builder.value).
-    builder.constants[node.output[0]] = _constant_value(builder, node, attributes)
+    builder.constants[node.output[0]] = _as_float32(constant_value(node, attributes, builder.source))
     return []
-
-
-def _constant_value(builder, node, attributes) -> np.ndarray:
-    if "value" in attributes:
-        return numpy_helper.to_array(attributes["value"]).copy()
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                       ("value_int", np.int64), ("value_ints", np.int64)):
-        if key in attributes:
-            return np.array(attributes[key], dtype=dtype)
-    raise ModelError(f"{builder.source}: Constant node {node.output[0]!r} has no supported value attribute")
 
 
 def _identity(builder, node, attributes):
     if node.input[0] in builder.constants and node.input[0] not in builder.env:
+        # The output stays a constant, so shape inputs remain static, and it reads the same
+        # parameter or buffer as its input.
         builder.constants[node.output[0]] = builder.constants[node.input[0]]
-        builder.planned.setdefault(node.output[0], builder.planned.get(node.input[0]))
+        builder.aliases[node.output[0]] = builder.aliases.get(node.input[0], node.input[0])
         return []
     return [builder.value(node.input[0])]
 

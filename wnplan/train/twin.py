@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from wnplan.errors import ModelError
 from wnplan.models import Model
@@ -82,6 +81,8 @@ class Twin:
         site_shapes: per-sample shape of each site's value, by site index.
         sample_numel: per-sample element count of every node output, summed (for memory
             estimates).
+        site_errors: error message by site index, for each site whose value is not laid
+            out as (samples, *site shape), so noise cannot go there.
     """
 
     module: fx.GraphModule
@@ -92,6 +93,7 @@ class Twin:
     source_format: str
     site_shapes: tuple[tuple[int, ...], ...] = ()
     sample_numel: int = 0
+    site_errors: dict[int, str] = field(default_factory=dict)
 
     def trainable_names(self) -> list[str]:
         return sorted(name for name, role in self.roles.items() if role.kind in TRAINABLE_KINDS)
@@ -126,7 +128,11 @@ class Twin:
         `sites`, and calls `transform(value, *extra)` on each site's value. It returns the
         logits, followed, with `return_sites`, by each site's value before and after the
         transform. It shares every tensor with `module`.
+
+        Raises:
+            ModelError: a site in `sites` has an entry in `site_errors`.
         """
+        self._check_sites(sites)
         graph = fx.Graph()
         samples = graph.placeholder("samples")
         extra = self._site_placeholders(graph, sites, arity)
@@ -150,7 +156,11 @@ class Twin:
         Every input has a leading configuration dimension K: the samples (K, N, ...), the
         extra site inputs, then the tensors named by `stacked_names()`, each (K, ...). So do
         the outputs. Its BatchNorm layers follow the module's own train/eval mode.
+
+        Raises:
+            ModelError: a site in `sites` has an entry in `site_errors`.
         """
+        self._check_sites(sites)
         graph = fx.Graph()
         samples = graph.placeholder("samples")
         extra = self._site_placeholders(graph, sites, arity)
@@ -171,6 +181,11 @@ class Twin:
             if node.op == "get_attr":
                 root[str(node.target)] = _attr(self.module, node)
         return fx.GraphModule(root, graph)
+
+    def _check_sites(self, sites: Sequence[int]) -> None:
+        for index in sites:
+            if index in self.site_errors:
+                raise ModelError(self.site_errors[index])
 
     def _needed_nodes(self) -> list[fx.Node]:
         needed = _ancestors(self.logits_node)
@@ -215,6 +230,11 @@ def build_twin(model: Model) -> Twin:
     else:
         expected = "a .pt2 program, a state dict with --factory, or an ONNX model"
         raise ModelError(f"{model.path}: trained mode needs {expected}; got format {model.format!r}")
+    if not twin.trainable_names():
+        raise ModelError(
+            f"{model.path}: trained mode found nothing to train: the model has no trainable parameters; " +
+            "profile it with --mode inference"
+        )
     twin.site_shapes = tuple(site.shape for site in model.sites)
     twin.sample_numel = _probe(twin, model)
     logger.info(
@@ -336,24 +356,89 @@ def _probe(twin: Twin, model: Model) -> int:
     """Run the twin on two zero samples; return the per-sample element count of all nodes.
 
     Raises:
-        ModelError: the twin fails on a batch of two (for example a graph with a fixed batch).
+        ModelError: the twin fails on a batch of two (for example a graph with a fixed
+            batch), or on any batch.
     """
-    shape = [2] + [dim or 1 for dim in model.input_shape[1:]]
-    probe = torch.zeros(shape)
     module = twin.module.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(module).propagate(probe)
-    except Exception as error:  # any operator can fail on an unexpected shape
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        problem = f"the trainable copy fails on a batch of 2 samples ({first})"
-        raise ModelError(f"{model.path}: {problem}; export the model with a dynamic batch dimension") from None
-    total = 0
-    for node in module.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if node.op in ("call_function", "call_module", "placeholder") and hasattr(meta, "shape"):
-            total += int(torch.Size(meta.shape).numel()) // 2
-    return total
+    recorder = _SizeRecorder(module, twin.site_nodes)
+    failure = recorder.try_run(_zeros(model, 2))
+    if failure is None:
+        twin.site_errors = _site_errors(model, twin.site_nodes, recorder.shapes)
+        return recorder.total // 2
+    if _SizeRecorder(module).try_run(_zeros(model, 1)) is not None:
+        raise ModelError(f"{model.path}: the trainable copy of the model fails to run ({failure}); " +
+                         "profile it with --mode inference, or train from a .pt2 export")
+    declared = model.input_shape[0] if model.input_shape else None
+    if declared is not None:
+        cause = f"the model declares a fixed batch size of {declared}"
+    else:
+        cause = "a node fixes the batch size (for example a Reshape to [1, -1])"
+    problem = f"the trainable copy runs on 1 sample but fails on a batch of 2 ({failure}): {cause}"
+    advice = "export the model with a dynamic batch dimension, with -1 or 0 as the batch entry of every Reshape"
+    raise ModelError(f"{model.path}: {problem}; {advice}")
+
+
+def _site_errors(model: Model, nodes: Sequence[fx.Node], shapes: dict[fx.Node, tuple[int, ...]]) -> dict[int, str]:
+    """Return a message for each site whose tensor value on 2 samples is not (2, *site shape).
+
+    With dynamic dimensions after the batch, the probe's sizes differ from the model's
+    site shapes, so only the batch size and the rank are compared.
+    """
+    static = all(dim is not None for dim in model.input_shape[1:])
+    errors: dict[int, str] = {}
+    for site, node in zip(model.sites, nodes, strict=True):
+        shape = shapes.get(node)
+        if shape is None:
+            continue
+        expected = (2, *site.shape)
+        matches = shape == expected if static else len(shape) == len(expected) and shape[0] == 2
+        if not matches:
+            problem = (
+                f"site {site.index} ({site.name}) has shape {shape} for a batch of 2 samples, " +
+                f"not (2, {', '.join(str(dim) for dim in site.shape)})"
+            )
+            advice = "trained mode needs the samples in the first dimension; choose other sites with --sites"
+            errors[site.index] = f"{model.path}: {problem}; {advice}"
+    return errors
+
+
+def _zeros(model: Model, batch: int) -> torch.Tensor:
+    return torch.zeros([batch] + [dim or 1 for dim in model.input_shape[1:]])
+
+
+class _SizeRecorder(fx.Interpreter):
+    """Interpreter that sums the element counts of tensor node outputs and records the site shapes."""
+
+    def __init__(self, module: fx.GraphModule, site_nodes: Sequence[fx.Node] = ()) -> None:
+        super().__init__(module)
+        self.total = 0
+        self.failed_node: fx.Node | None = None
+        self.site_nodes = set(site_nodes)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, node: fx.Node):
+        try:
+            result = super().run_node(node)
+        except Exception:
+            self.failed_node = self.failed_node or node
+            raise
+        if node.op in ("call_function", "call_module", "placeholder") and isinstance(result, torch.Tensor):
+            self.total += int(result.numel())
+        if node in self.site_nodes and isinstance(result, torch.Tensor):
+            self.shapes[node] = tuple(result.shape)
+        return result
+
+    def try_run(self, samples: torch.Tensor) -> str | None:
+        """Run on `samples`; return None, or the failing node and the first line of its error."""
+        try:
+            with torch.no_grad():
+                self.run(samples)
+        except Exception as error:  # any operator can fail on an unexpected shape or type
+            text = str(error).strip()
+            first = text.splitlines()[0][:300] if text else type(error).__name__
+            node = self.failed_node.name if self.failed_node is not None else "?"
+            return f"node {node}: {first}"
+        return None
 
 
 def _ancestors(output: fx.Node) -> set[fx.Node]:
