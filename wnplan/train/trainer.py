@@ -204,8 +204,8 @@ def stacks_configurations(twin: Twin, settings: TrainingSettings) -> bool:
     training step fit in AUTO_STACK_BYTES. Stacking K models multiplies the memory that
     element-wise operators, pooling and BatchNorm stream through, and once that leaves the
     CPU caches these operators slow down by more than the per-call overhead that stacking
-    saves. The benchmark measured LeNet-5 with BatchNorm (8 MB per configuration) 0.7 times
-    as fast stacked, and the BatchNorm MLP (1 MB) 4.5 times as fast (24 configurations).
+    saves. The benchmark measured LeNet-5 with BatchNorm (8 MB per configuration) 0.7 to 0.8
+    times as fast stacked, and the BatchNorm MLP (1 MB) 4.4 times as fast (24 configurations).
     """
     if settings.vectorize is not None:
         return settings.vectorize
