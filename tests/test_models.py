@@ -488,3 +488,34 @@ def test_read_declaration_invalid_sidecar_raises(tmp_path, residual_model):
 def test_read_declaration_absent_returns_none(residual_model):
     assert read_declaration(residual_model.onnx) is None
     assert read_declaration(residual_model.pt2) is None
+
+
+class _ShufflesFeatures(nn.Module):
+    """Features regrouped by unflatten, permute, chunk and cat: ONNX shape inference loses their shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(784, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x.flatten(1))
+        first, second = hidden.unflatten(1, (4, 8)).permute(0, 2, 1).flatten(1).chunk(2, dim=1)
+        return self.out(torch.relu(self.norm(torch.cat([second, first], dim=1) + hidden)))
+
+
+def test_onnx_sites_without_inferred_shape_run(tmp_path):
+    path = export_onnx(_ShufflesFeatures(), torch.zeros(2, 1, 28, 28), tmp_path / "shuffle.onnx")
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapeless = [value.name for value in inferred.graph.value_info if not value.type.tensor_type.HasField("shape")]
+    assert shapeless  # the case under test: tensors whose shape inference gives up
+
+    model = load_model(path, sample=np.zeros((2, 1, 28, 28), np.float32))
+    site = next(site for site in model.sites if site.name in shapeless)
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    noisy = model.run(x, {site.index: draw_noise(SiteNoise(0.5), (3, *site.shape), 0, site.index, 0)})
+
+    assert noisy.shape == (3, 10)
+    assert not np.allclose(noisy, model.run(x))

@@ -409,9 +409,28 @@ def _shape_of(types: dict, name: str) -> list | None:
 
 
 def check_model(model: onnx.ModelProto, problem: str = "the rewritten ONNX graph is invalid") -> None:
-    """Raise ModelError, starting with `problem`, if the model fails `onnx.checker`."""
+    """Raise ModelError, starting with `problem`, if the model fails `onnx.checker`.
+
+    The checker requires a shape on every graph input and output, but shape inference leaves
+    some tensors without one (for example after Reshape to a computed shape), and wnplan makes
+    such tensors outputs. onnxruntime runs them; the checker sees them with an empty shape.
+    """
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_with_shape_fields(model))
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid graph"
         raise ModelError(f"{problem}: {first_line}") from None
+
+
+def _with_shape_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return the model, or a copy in which graph inputs and outputs without a shape have an empty one."""
+    graph = model.graph
+    if all(value.type.tensor_type.HasField("shape") for value in (*graph.input, *graph.output)
+           if value.type.HasField("tensor_type")):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in (*copy.graph.input, *copy.graph.output):
+        if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.shape.SetInParent()
+    return copy
