@@ -427,6 +427,20 @@ def test_binarization_reference_is_noisy_accuracy(bn_mlp, train_data, eval_data)
         assert test["reference_accuracy"] == result.correct / result.total
 
 
+def test_binarization_chance_is_majority_share(bn_mlp, train_data, eval_data):
+    # Three quarters of one label: a model answering that label scores 0.75 and decides nothing.
+    labels = eval_data.y.copy()
+    labels[: 3 * len(labels) // 4] = 0
+    skewed = Dataset(eval_data.x, labels, "skewed", {}, "skewed")
+    model = load_model(bn_mlp[1])
+    evaluator = TrainedEvaluator(model, train_data, skewed, NoiseSpec("additive"), {}, _seed_of,
+                                 TrainingSettings(train_limit=128))
+
+    result = next(evaluator.run_group(_trials(model, 3, [0.1])))
+
+    assert result.extra["binarization"]["chance"] == pytest.approx(np.bincount(labels).max() / len(labels))
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_identity_quantizer_leaves_noisy_counts_unchanged(bn_mlp, train_data, eval_data, vectorize):
     model = load_model(bn_mlp[1])

@@ -131,11 +131,13 @@ class TrainedEvaluator:
             self.settings.eval_batch_size, stacks_configurations(twin, self.settings), RECORD_SAMPLES,
         )
         clean = self._accuracy_with(twin, data, configs[0].sites[0], trained.tensors, _identity, [])
-        chance = 1.0 / max(2, len(np.unique(data.y)))
-        binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation, chance)
+        # The accuracy of always answering the most common label: 1/K on balanced data, more otherwise.
+        majority = float(np.bincount(data.y).max()) / len(data.y)
+        binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation, majority)
         seconds = (time.perf_counter() - started) / len(trials)
 
         total = len(data)
+        chance = 1.0 / max(2, len(np.unique(data.y)))
         _warn_diverged(trials, trained.final_loss, [count / total for count in clean], chance, self.settings.lr)
         for position, (trial, config) in enumerate(zip(trials, configs, strict=True)):
             extra = {
