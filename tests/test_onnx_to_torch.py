@@ -458,3 +458,12 @@ def test_cli_trained_transposed_weight_records_it(tmp_path, capsys):
     assert code == 0, err
     site = json.loads(out.read_text())["sites"][1]
     assert list(site["walking"]["points"][1]["records"]["weights"]) == ["w"]
+
+
+def test_cli_trained_dry_run_checks_twin(tmp_path, capsys):
+    path = _digits_model(tmp_path / "fixed.onnx", [helper.make_node("Gemm", ["flat", "w"], ["logits"], transB=1)],
+                         [_flat_shape(1), ("w", W_DIGITS)], batch=1)
+
+    result = run_cli(capsys, "profile", path, *TRAINED_OPTIONS, "--dry-run")
+
+    assert_usage_error(result, "fixed batch size of 1")

@@ -256,6 +256,7 @@ def profile(
     from wnplan.profiler import (
         Execution,
         ProfileSettings,
+        check_trainable,
         clean_accuracy,
         count_trials,
         load_model_and_data,
@@ -300,6 +301,7 @@ def profile(
 
             _, classes = clean_accuracy(loaded, dataset.subset(np.arange(min(len(dataset), 64)), ":dry-run"))
             load_training_data(settings, dataset, normalize, classes)
+            check_trainable(loaded, settings)
             # NOTE: the estimate times one forward pass per trial and cannot predict training time.
             message = (
                 f"{approx}{trials} trials on {len(dataset)} samples; each trained model trains "

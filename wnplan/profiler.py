@@ -400,7 +400,10 @@ def _measure(
             runtime.threads(),
         )
         if make_trained is not None:
-            executor = InProcessExecutor(make_trained(loaded, scales, context.noise_seed).run_group)
+            evaluator = make_trained(loaded, scales, context.noise_seed)
+            # Every site is checked before the first model trains, not when its curve starts.
+            evaluator.twin.check_sites(sorted({site for curve in curves for site in curve.sites}))
+            executor = InProcessExecutor(evaluator.run_group)
         else:
             executor = make_executor(job, execution, loaded)
         with executor:
@@ -562,6 +565,20 @@ def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
 
         record["preserved_relative_accuracy"] = preserved_relative_accuracy(points)
     return record
+
+
+def check_trainable(model: Model, settings: ProfileSettings) -> None:
+    """Build the trainable twin and check every site the profile would train at.
+
+    Raises:
+        ModelError: trained mode cannot convert or run the model, or cannot put noise on a
+            selected site.
+    """
+    from wnplan.train.twin import build_twin
+
+    walking, global_curve = build_curves(model, settings, (1, 1), 2)
+    curves = walking + ([global_curve] if global_curve else [])
+    build_twin(model).check_sites(sorted({site for curve in curves for site in curve.sites}))
 
 
 def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:

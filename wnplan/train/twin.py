@@ -132,7 +132,7 @@ class Twin:
         Raises:
             ModelError: a site in `sites` has an entry in `site_errors`.
         """
-        self._check_sites(sites)
+        self.check_sites(sites)
         graph = fx.Graph()
         samples = graph.placeholder("samples")
         extra = self._site_placeholders(graph, sites, arity)
@@ -160,7 +160,7 @@ class Twin:
         Raises:
             ModelError: a site in `sites` has an entry in `site_errors`.
         """
-        self._check_sites(sites)
+        self.check_sites(sites)
         graph = fx.Graph()
         samples = graph.placeholder("samples")
         extra = self._site_placeholders(graph, sites, arity)
@@ -182,7 +182,8 @@ class Twin:
                 root[str(node.target)] = _attr(self.module, node)
         return fx.GraphModule(root, graph)
 
-    def _check_sites(self, sites: Sequence[int]) -> None:
+    def check_sites(self, sites: Sequence[int]) -> None:
+        """Raise ModelError for the first of `sites` that trained mode cannot put noise on."""
         for index in sites:
             if index in self.site_errors:
                 raise ModelError(self.site_errors[index])
