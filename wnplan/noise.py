@@ -173,6 +173,11 @@ def draw_standard(
     return z_mul, z_add
 
 
+# Noise large enough to overflow float32 gives inf or NaN values, which evaluation counts as
+# wrong answers, so numpy's warnings about them would only repeat that on stderr.
+OVERFLOW_TO_INF = {"over": "ignore", "invalid": "ignore"}
+
+
 def scale_noise(
     noise: SiteNoise, z_mul: np.ndarray | None, z_add: np.ndarray | None, dtype: np.dtype = np.float32
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -242,6 +247,11 @@ def noisy_into(
         return
     parts = (noise.sigma_mul > 0, noise.sigma_add > 0)
     z_mul, z_add = draw_standard(x.shape, seed, site_index, start, parts)
+    with np.errstate(**OVERFLOW_TO_INF):
+        _combine_into(out, x, noise, z_mul, z_add)
+
+
+def _combine_into(out: np.ndarray, x: np.ndarray, noise: SiteNoise, z_mul, z_add) -> None:
     if z_mul is not None:
         np.multiply(z_mul, np.float32(noise.sigma_mul), out=z_mul)
         z_mul += np.float32(1.0)
@@ -259,7 +269,8 @@ def apply_noise(x: np.ndarray, mul: np.ndarray | None, add: np.ndarray | None) -
     """Return `x * mul + add`, skipping absent parts; x itself when both are None."""
     if mul is None and add is None:
         return x
-    y = x * mul if mul is not None else x.copy()
-    if add is not None:
-        y += add
+    with np.errstate(**OVERFLOW_TO_INF):
+        y = x * mul if mul is not None else x.copy()
+        if add is not None:
+            y += add
     return y
