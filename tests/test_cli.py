@@ -120,7 +120,7 @@ def test_cli_profile_zero_repeats(capsys, workdir, digits_mlp):
     assert not (workdir / "out.json").exists()
 
 
-@pytest.mark.parametrize("sigmas", ["0.1,abc", "0,1", "-1", "nan", "0.1,inf", ",", "1,1e39"])
+@pytest.mark.parametrize("sigmas", ["0.1,abc", "0,1", "-1", "nan", "0.1,inf", ",", "1,1e39", "1,,2", "1.0000001e10"])
 def test_cli_profile_bad_sigmas(capsys, workdir, digits_mlp, sigmas):
     result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--sigmas", sigmas)
 

@@ -116,8 +116,11 @@ def sites(
 def _parse_sigmas(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
+    parts = text.split(",")
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        if any(not part.strip() for part in parts):
+            raise ValueError("empty entry")
+        return tuple(float(part) for part in parts)
     except ValueError:
         raise SettingsError(f"invalid --sigmas {text!r}: expected comma-separated numbers such as 0.01,0.1,1") from None
 

@@ -105,7 +105,7 @@ class ProfileSettings:
                 )
             if max(self.sigmas) > SIGMA_MAX:
                 raise SettingsError(
-                    f"invalid --sigmas value {max(self.sigmas):g}: expected at most {SIGMA_MAX:g}, because "
+                    f"invalid --sigmas value {max(self.sigmas)!r}: expected at most {SIGMA_MAX:g}, because "
                     + "larger noise overflows float32 activations; pass smaller σ values"
                 )
 
