@@ -320,6 +320,10 @@ def profile(
             stdout.print(message)
         return
 
+    _interrupted_note["text"] = (
+        "nothing was kept (--store none)" if store == "none"
+        else f"finished trials are kept in the store {store}, and the same command resumes from them"
+    )
     with _progress("profiling") as advance:
         record = run_profile(
             model,
@@ -743,10 +747,15 @@ class _progress:
         self._bar.stop()
 
 
-INTERRUPTED_MESSAGE = (
-    "interrupted; finished trials are kept in the store, and the same command resumes from them "
-    + "(with --store none, nothing was kept)"
-)
+INTERRUPTED_MESSAGE = "interrupted"
+# What an interrupted run leaves behind; `profile` sets it once it knows its store.
+_interrupted_note = {"text": ""}
+
+
+def interrupted_message() -> str:
+    """Return the message for Ctrl-C: what was interrupted, and what of its work was kept."""
+    note = _interrupted_note["text"]
+    return f"{INTERRUPTED_MESSAGE}; {note}" if note else INTERRUPTED_MESSAGE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -759,18 +768,18 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exit_request:
         sys.exit(exit_request.exit_code)
     except typer.Abort:
-        _fail(INTERRUPTED_MESSAGE, code=130)
+        _fail(interrupted_message(), code=130)
     except TyperException as error:
         if type(error).__name__ == "NoArgsIsHelpError":
             print(error.format_message())
             sys.exit(0)
         _fail(error.format_message())
     except KeyboardInterrupt:
-        _fail(INTERRUPTED_MESSAGE, code=130)
+        _fail(interrupted_message(), code=130)
     # Without standalone mode, an Exit raised inside a command comes back as its code.
     code = code if isinstance(code, int) else 0
     if code == 130:
-        _fail(INTERRUPTED_MESSAGE, code=130)
+        _fail(interrupted_message(), code=130)
     sys.exit(code)
 
 
