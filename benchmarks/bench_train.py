@@ -34,7 +34,6 @@ operators of one vectorized and one one-by-one run of each model (torch.profiler
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -185,7 +184,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     columns = [
         "model", "configs", "steps", "train vectorized (CPU s)", "train one by one (CPU s)", "train ratio (CPU)",
         "train ratio (wall)", "total vectorized (CPU s)", "total one by one (CPU s)", "total ratio (CPU)",
-        "max Δ accuracy", "measured (UTC)", "threads",
+        "max Δ accuracy", "train / eval samples", "measured (UTC)", "threads",
     ]
     lines = [_row(columns), _row(["---"] * len(columns))]
     for result in results:
@@ -194,7 +193,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"{result['model']} ({result['site']['name']})", result["configurations"], result["steps"],
             vectorized["train"]["cpu"], alone["train"]["cpu"], f"{ratio['train_cpu']}×", f"{ratio['train_wall']}×",
             vectorized["total"]["cpu"], alone["total"]["cpu"], f"{ratio['total_cpu']}×",
-            f"{result['max_accuracy_difference']:.4f}", result["run"]["date"],
+            f"{result['max_accuracy_difference']:.4f}",
+            f"{result['run']['train_samples']} / {result['run']['eval_samples']}", result["run"]["date"],
             result["run"]["machine"]["torch_threads"],
         ]))
     lines.append("")
@@ -272,9 +272,11 @@ def merged_results(path: Path, results: list[dict[str, Any]]) -> list[dict[str, 
     measured = {result["model"] for result in results}
     earlier: list[dict[str, Any]] = []
     if path.exists():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        try:
             earlier = [result for result in json.loads(path.read_text())["results"]
                        if result["model"] not in measured and "run" in result]
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"not keeping the earlier results in {path}: cannot read them ({error})")
     order = [file_name for file_name, _ in MODELS.values()]
     return sorted(earlier + results, key=lambda result: _position(order, result["model"]))
 
