@@ -188,7 +188,7 @@ class OnnxModel(Model):
             raise ModelError(f"{error} (it also fails on 2 samples: {problem})") from None
         logger.warning(
             "%s declares a dynamic batch size but runs only with batch 1 (%s); evaluating one sample at a time",
-            self.path, problem,
+            self.path, _short_runtime_error(problem),
         )
         return BatchLimits(1, 1)
 
@@ -339,7 +339,8 @@ def make_session(proto: onnx.ModelProto, path: Path, device: str | None = None) 
     """
     require_in_memory(proto, path)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Only fatal messages: every failed run raises, and wnplan reports it in one line.
+    options.log_severity_level = 4
     # Full optimization fuses operators differently around inserted noise nodes, which makes
     # noisy and suffix runs differ from the clean graph in the last bits; extended keeps them equal.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -380,3 +381,10 @@ def _declaration(proto: onnx.ModelProto, path: Path) -> DataDeclaration | None:
     if "wnplan.data" not in props:
         return None
     return DataDeclaration(props["wnplan.data"], props.get("wnplan.normalize"), f"{path.name} metadata")
+
+
+def _short_runtime_error(message: str, limit: int = 160) -> str:
+    """Return the readable end of an onnxruntime error: after its status prefix and failed check, shortened."""
+    text = message.split("Status Message:")[-1].strip()
+    text = text.split(" was false. ")[-1] if " was false. " in text else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
