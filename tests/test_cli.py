@@ -568,3 +568,14 @@ def test_cli_profile_missing_model_without_data(capsys, workdir):
     result = run_cli(capsys, "profile", workdir / "absent.pt2", "--out", workdir / "out.json")
 
     assert_usage_error(result, "model file not found")
+
+
+def test_cli_trained_warns_when_training_on_evaluation_data(capsys, caplog, workdir, digits_mlp):
+    with caplog.at_level(logging.WARNING, logger="wnplan"):
+        code, _, err = _profile(
+            capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--data", "digits:test",
+            "--train-data", "digits:test", "--dry-run",
+        )
+
+    assert code == 0, err
+    assert "also the evaluation data" in caplog.text

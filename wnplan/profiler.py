@@ -335,6 +335,12 @@ def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: s
     return make
 
 
+_SAME_DATA_WARNING = (
+    "--train-data %r is also the evaluation data, so trained accuracies are measured on training samples; "
+    + "pass a separate training split"
+)
+
+
 def load_training_data(settings: ProfileSettings, dataset: Dataset, normalize: str | None, classes: int) -> Dataset:
     """Load trained mode's training data: `--train-data`, or the training split of the evaluation data.
 
@@ -351,6 +357,8 @@ def load_training_data(settings: ProfileSettings, dataset: Dataset, normalize: s
     train_data = load_data(
         train_spec, tuple(preprocessing) if preprocessing else parse_normalize(normalize), training.train_limit, "train"
     )
+    if train_spec == dataset.name:
+        logger.warning(_SAME_DATA_WARNING, train_spec)
     if train_data.x.shape[1:] != dataset.x.shape[1:]:
         raise DataError(
             f"training samples {train_spec!r} have shape {tuple(train_data.x.shape[1:])}, but the evaluation "
