@@ -174,7 +174,7 @@ def draw_standard(
 
 
 # Noise large enough to overflow float32 gives inf or NaN values, which evaluation counts as
-# wrong answers, so numpy's warnings about them would only repeat that on stderr.
+# misclassified, so numpy's warnings about them would only repeat that on stderr.
 OVERFLOW_TO_INF = {"over": "ignore", "invalid": "ignore"}
 
 

@@ -413,7 +413,7 @@ def check_model(model: onnx.ModelProto, problem: str = "the rewritten ONNX graph
 
     The checker requires a shape on every graph input and output, but shape inference leaves
     some tensors without one (for example after Reshape to a computed shape), and wnplan makes
-    such tensors outputs. onnxruntime runs them; the checker sees them with an empty shape.
+    such tensors outputs. onnxruntime runs them, and the checker is given them with an empty shape.
     """
     try:
         onnx.checker.check_model(_with_shape_fields(model))

@@ -131,7 +131,7 @@ class TrainedEvaluator:
             self.settings.eval_batch_size, stacks_configurations(twin, self.settings), RECORD_SAMPLES,
         )
         clean = self._accuracy_with(twin, data, configs[0].sites[0], trained.tensors, _identity, [])
-        # The accuracy of always answering the most common label: 1/K on balanced data, more otherwise.
+        # The accuracy of always predicting the most common label: 1/K on balanced data, more otherwise.
         majority = float(np.bincount(data.y).max()) / len(data.y)
         binarization = self._binarization(twin, data, trials, configs, trained.tensors, evaluation, majority)
         seconds = (time.perf_counter() - started) / len(trials)
