@@ -554,7 +554,7 @@ def test_cli_profile_warns_on_unused_training_options(capsys, caplog, workdir, d
         code, _, err = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--epochs", "3", "--from-scratch")
 
     assert code == 0, err
-    assert "--epochs, --from-scratch only apply to trained mode" in caplog.text
+    assert "--epochs, --from-scratch apply only to trained mode" in caplog.text
 
 
 def test_cli_profile_trained_rejects_training_split_as_data(capsys, workdir, digits_mlp):
@@ -574,8 +574,15 @@ def test_cli_trained_warns_when_training_on_evaluation_data(capsys, caplog, work
     with caplog.at_level(logging.WARNING, logger="wnplan"):
         code, _, err = _profile(
             capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--data", "digits:test",
-            "--train-data", "digits:test", "--dry-run",
+            "--train-data", "digits:test", "--train-limit", "50", "--dry-run",
         )
 
     assert code == 0, err
-    assert "also the evaluation data" in caplog.text
+    assert "same samples as the evaluation data" in caplog.text
+
+
+
+def test_cli_trained_dry_run_rejects_workers(capsys, workdir, digits_mlp):
+    result = _profile(capsys, digits_mlp.onnx, workdir / "out.json", "--mode", "trained", "--workers", "2", "--dry-run")
+
+    assert_usage_error(result, "drop --workers")

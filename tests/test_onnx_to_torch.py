@@ -467,3 +467,13 @@ def test_cli_trained_dry_run_checks_twin(tmp_path, capsys):
     result = run_cli(capsys, "profile", path, *TRAINED_OPTIONS, "--dry-run")
 
     assert_usage_error(result, "fixed batch size of 1")
+
+
+def test_build_twin_rejects_output_that_merges_samples(tmp_path):
+    nodes = [helper.make_node("Gemm", ["flat", "w"], ["scores"], transB=1),
+             helper.make_node("Reshape", ["scores", "one_row"], ["logits"])]
+    path = _digits_model(tmp_path / "merged.onnx", nodes,
+                         [_flat_shape(), ("w", W_DIGITS), ("one_row", np.array([1, -1], np.int64))])
+
+    with pytest.raises(ModelError, match="output has 1 rows for 2 samples"):
+        build_twin(load_model(path, sample=np.zeros((2, 1, 28, 28), np.float32)))

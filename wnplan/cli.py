@@ -259,6 +259,7 @@ def profile(
     from wnplan.profiler import (
         Execution,
         ProfileSettings,
+        check_in_process,
         check_trainable,
         clean_accuracy,
         count_trials,
@@ -303,6 +304,7 @@ def profile(
             import numpy as np
 
             _, classes = clean_accuracy(loaded, dataset.subset(np.arange(min(len(dataset), 64)), ":dry-run"))
+            check_in_process(Execution(workers=workers, ray=ray, factory=factory, trust=trust))
             load_training_data(settings, dataset, normalize, classes)
             check_trainable(loaded, settings)
             # NOTE: the estimate times one forward pass per trial and cannot predict training time.
@@ -382,8 +384,8 @@ def _warn_unused_training_options(ctx: typer.Context) -> None:
     ]
     if passed:
         logger.warning(
-            "%s only apply to trained mode and are ignored; pass --mode trained or --mode both to train",
-            ", ".join(passed),
+            "%s %s only to trained mode and %s ignored; pass --mode trained or --mode both to train",
+            ", ".join(passed), "applies" if len(passed) == 1 else "apply", "is" if len(passed) == 1 else "are",
         )
 
 

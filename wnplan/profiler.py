@@ -292,11 +292,11 @@ def profile(
             )
             maps = []
         curves = walking + ([global_curve] if global_curve else []) + maps
+        if trained:
+            check_in_process(execution)
         make = _trained_evaluator(settings, dataset, normalize, classes) if trained else None
         if make is not None:
             train_data = make.train_data
-        if trained and (execution.workers or execution.ray):
-            raise SettingsError("trained mode runs in this process; drop --workers and --ray")
         counts = _measure(
             model, loaded, dataset, settings, statistics, curves, store, fresh, progress, execution, mode, make
         )
@@ -336,8 +336,8 @@ def _trained_evaluator(settings: ProfileSettings, dataset: Dataset, normalize: s
 
 
 _SAME_DATA_WARNING = (
-    "--train-data %r is also the evaluation data, so trained accuracies are measured on training samples; "
-    + "pass a separate training split"
+    "--train-data %r holds the same samples as the evaluation data, so trained accuracies are measured "
+    + "on training samples; pass a separate training split"
 )
 
 
@@ -357,7 +357,7 @@ def load_training_data(settings: ProfileSettings, dataset: Dataset, normalize: s
     train_data = load_data(
         train_spec, tuple(preprocessing) if preprocessing else parse_normalize(normalize), training.train_limit, "train"
     )
-    if train_spec == dataset.name:
+    if train_data.sha256 == dataset.sha256:
         logger.warning(_SAME_DATA_WARNING, train_spec)
     if train_data.x.shape[1:] != dataset.x.shape[1:]:
         raise DataError(
@@ -573,6 +573,12 @@ def _curve_record(curve: Curve, classes: int, fit_space: str) -> dict[str, Any]:
 
         record["preserved_relative_accuracy"] = preserved_relative_accuracy(points)
     return record
+
+
+def check_in_process(execution: Execution) -> None:
+    """Raise SettingsError if trained mode is asked to run in worker processes or on Ray."""
+    if execution.workers or execution.ray:
+        raise SettingsError("trained mode runs in this process; drop --workers and --ray")
 
 
 def check_trainable(model: Model, settings: ProfileSettings) -> None:

@@ -361,7 +361,7 @@ def _probe(twin: Twin, model: Model) -> int:
             batch), or on any batch.
     """
     module = twin.module.eval()
-    recorder = _SizeRecorder(module, twin.site_nodes)
+    recorder = _SizeRecorder(module, twin.site_nodes, twin.logits_node)
     failure = recorder.try_run(_zeros(model, 2))
     if failure is None:
         twin.site_errors = _site_errors(model, twin.site_nodes, recorder.shapes)
@@ -410,8 +410,11 @@ def _zeros(model: Model, batch: int) -> torch.Tensor:
 class _SizeRecorder(fx.Interpreter):
     """Interpreter that sums the element counts of tensor node outputs and records the site shapes."""
 
-    def __init__(self, module: fx.GraphModule, site_nodes: Sequence[fx.Node] = ()) -> None:
+    def __init__(
+        self, module: fx.GraphModule, site_nodes: Sequence[fx.Node] = (), logits_node: fx.Node | None = None
+    ) -> None:
         super().__init__(module)
+        self.logits_node = logits_node
         self.total = 0
         self.failed_node: fx.Node | None = None
         self.site_nodes = set(site_nodes)
@@ -425,7 +428,7 @@ class _SizeRecorder(fx.Interpreter):
             raise
         if node.op in ("call_function", "call_module", "placeholder") and isinstance(result, torch.Tensor):
             self.total += int(result.numel())
-        if node in self.site_nodes and isinstance(result, torch.Tensor):
+        if (node in self.site_nodes or node is self.logits_node) and isinstance(result, torch.Tensor):
             self.shapes[node] = tuple(result.shape)
         return result
 
@@ -439,6 +442,10 @@ class _SizeRecorder(fx.Interpreter):
             first = text.splitlines()[0][:300] if text else type(error).__name__
             node = self.failed_node.name if self.failed_node is not None else "?"
             return f"node {node}: {first}"
+        rows = self.shapes.get(self.logits_node, (samples.shape[0],))[:1]
+        if rows != (samples.shape[0],):
+            # For example a Reshape to [1, -1] after the last layer: it runs, but mixes the samples.
+            return f"the output has {rows[0] if rows else 0} rows for {samples.shape[0]} samples"
         return None
 
 
