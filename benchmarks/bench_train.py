@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 def merged_results(path: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return the new results, plus the earlier results in `path` of models this run did not measure.
 
-    Each result keeps its own `run` (date, machine, sizes), so a table that mixes runs says so.
+    Each result keeps its own `run` (date, machine, sizes), so a table that mixes runs shows it.
     """
     measured = {result["model"] for result in results}
     earlier: list[dict[str, Any]] = []

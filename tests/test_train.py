@@ -428,7 +428,7 @@ def test_binarization_reference_is_noisy_accuracy(bn_mlp, train_data, eval_data)
 
 
 def test_binarization_chance_is_majority_share(bn_mlp, train_data, eval_data):
-    # Three quarters of one label: a model answering that label scores 0.75 and decides nothing.
+    # Three quarters of one label: a model predicting only that label scores 0.75, so its test cannot decide.
     labels = eval_data.y.copy()
     labels[: 3 * len(labels) // 4] = 0
     skewed = Dataset(eval_data.x, labels, "skewed", {}, "skewed")

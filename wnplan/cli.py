@@ -750,7 +750,7 @@ class _progress:
 
 
 INTERRUPTED_MESSAGE = "interrupted"
-# What an interrupted run leaves behind; `profile` sets it once it knows its store.
+# What an interrupted run leaves behind. `profile` sets it once its store is chosen.
 _interrupted_note = {"text": ""}
 
 

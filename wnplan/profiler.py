@@ -410,7 +410,7 @@ def _measure(
         if make_trained is not None:
             evaluator = make_trained(loaded, scales, context.noise_seed)
             # Every site is checked before the first model trains, not when its curve starts.
-            evaluator.twin.check_sites(sorted({site for curve in curves for site in curve.sites}))
+            evaluator.twin.check_sites(_sites_of(curves))
             executor = InProcessExecutor(evaluator.run_group)
         else:
             executor = make_executor(job, execution, loaded)
@@ -591,8 +591,12 @@ def check_trainable(model: Model, settings: ProfileSettings) -> None:
     from wnplan.train.twin import build_twin
 
     walking, global_curve = build_curves(model, settings, (1, 1), 2)
-    curves = walking + ([global_curve] if global_curve else [])
-    build_twin(model).check_sites(sorted({site for curve in curves for site in curve.sites}))
+    build_twin(model).check_sites(_sites_of(walking + ([global_curve] if global_curve else [])))
+
+
+def _sites_of(curves: Sequence[Curve | GridCurve]) -> list[int]:
+    """Return the indices of every site that the curves put noise on, in order."""
+    return sorted({site for curve in curves for site in curve.sites})
 
 
 def count_trials(model: Model, settings: ProfileSettings) -> tuple[int, bool]:

@@ -80,7 +80,7 @@ DIMENSION_OPS: dict[str, list[tuple[str, int, str, object]]] = {
     "narrow": [("dim", 1, "dim", None)],
     "sym_size": [("dim", 1, "dim", None)],
 }
-# Operators in DIMENSION_OPS that need a compatible memory layout. They run as reshape.
+# Operators in DIMENSION_OPS that need a compatible memory layout. They run as reshape instead.
 VIEW_OPS = frozenset({"view", "_unsafe_view"})
 # Operators in DIMENSION_OPS whose result does not depend on the configuration.
 UNSTACKED_RESULTS = frozenset({"sym_size"})

@@ -444,7 +444,7 @@ class _SizeRecorder(fx.Interpreter):
             return f"node {node}: {first}"
         rows = self.shapes.get(self.logits_node, (samples.shape[0],))[:1]
         if rows != (samples.shape[0],):
-            # For example a Reshape to [1, -1] after the last layer: it runs, but mixes the samples.
+            # For example a Reshape to [1, -1] after the last layer runs, but mixes the samples.
             return f"the output has {rows[0] if rows else 0} rows for {samples.shape[0]} samples"
         return None
 
